@@ -1,0 +1,72 @@
+"""Token-wise projectors: identity, linear and the LLaVA-1.5 MLP (specs/components.md §1.2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mllm_kit.connectors.base import Connector, ConnectorOutput
+from mllm_kit.encoders.base import VisualFeatures
+from mllm_kit.errors import ConfigError
+from mllm_kit.registry import register_connector
+
+ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
+
+
+def _single_width(in_dims: Sequence[int], name: str) -> int:
+    if len(in_dims) != 1:
+        raise ConfigError(f"connector {name!r} takes one encoder, got {len(in_dims)}; use a fusion connector for mixtures.")
+    return in_dims[0]
+
+
+def build_mlp(in_dim: int, out_dim: int, depth: int, act: str = "gelu", bias: bool = True) -> nn.Sequential:
+    """Linear(C→D), then (depth−1) × [act, Linear(D→D)] — LLaVA's ``mlp{depth}x_gelu``."""
+    if depth < 1:
+        raise ConfigError(f"mlp connector depth must be ≥ 1, got {depth}.")
+    if act not in ACTIVATIONS:
+        raise ConfigError(f"mlp connector act {act!r} is not one of {sorted(ACTIVATIONS)}.")
+    layers: list[nn.Module] = [nn.Linear(in_dim, out_dim, bias=bias)]
+    for _ in range(depth - 1):
+        layers += [ACTIVATIONS[act](), nn.Linear(out_dim, out_dim, bias=bias)]
+    return nn.Sequential(*layers)
+
+
+@register_connector("mlp")
+class MLPConnector(Connector):
+    """Per-token MLP on the encoder's selected layer: ``[n_img, N, C]`` → ``[n_img, N, D]``.
+
+    ``depth=2, act=gelu`` is LLaVA-1.5's ``mlp2x_gelu`` (Linear(C→D) → GELU → Linear(D→D), biases,
+    PyTorch default init; specs/components.md §1.2).
+    """
+
+    def __init__(self, in_dims: Sequence[int], out_dim: int, depth: int = 2, act: str = "gelu", bias: bool = True) -> None:
+        super().__init__(in_dims, out_dim)
+        self.depth = depth
+        self.mlp = build_mlp(_single_width(self.in_dims, "mlp"), out_dim, depth, act, bias)
+
+    def forward(self, features: Sequence[VisualFeatures], text_context: torch.Tensor | None = None) -> ConnectorOutput:
+        return ConnectorOutput(tokens=self.mlp(features[0].selected))
+
+
+@register_connector("linear")
+class LinearConnector(MLPConnector):
+    """A single Linear(C→D) (LLaVA-1.0's projector)."""
+
+    def __init__(self, in_dims: Sequence[int], out_dim: int, bias: bool = True) -> None:
+        super().__init__(in_dims, out_dim, depth=1, bias=bias)
+
+
+@register_connector("identity")
+class IdentityConnector(Connector):
+    """Passes the selected features through; the encoder width must equal the LLM width."""
+
+    def __init__(self, in_dims: Sequence[int], out_dim: int) -> None:
+        super().__init__(in_dims, out_dim)
+        width = _single_width(self.in_dims, "identity")
+        if width != out_dim:
+            raise ConfigError(f"identity connector needs encoder width == LLM width, got {width} and {out_dim}; use 'linear' or 'mlp'.")
+
+    def forward(self, features: Sequence[VisualFeatures], text_context: torch.Tensor | None = None) -> ConnectorOutput:
+        return ConnectorOutput(tokens=features[0].selected)

@@ -1,0 +1,52 @@
+"""Batch samples by padding (packing can be added here; the Batch type already carries it)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from mllm_kit.batch import IGNORE_INDEX, Batch
+from mllm_kit.data.dataset import Sample
+from mllm_kit.errors import ConfigError
+
+
+class PadCollator:
+    """Pads to the longest sample (optionally a multiple of ``pad_to_multiple_of``).
+
+    Training uses right padding; batched generation needs ``padding_side="left"``.
+    """
+
+    def __init__(self, pad_token_id: int, padding_side: Literal["right", "left"] = "right", pad_to_multiple_of: int | None = None) -> None:
+        if padding_side not in ("right", "left"):
+            raise ConfigError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
+        self.pad_token_id = int(pad_token_id)
+        self.padding_side = padding_side
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, samples: Sequence[Sample]) -> Batch:
+        longest = max(len(s.input_ids) for s in samples)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            longest = (longest + m - 1) // m * m
+        n = len(samples)
+        input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((n, longest), dtype=torch.long)
+        for row, s in enumerate(samples):
+            length = len(s.input_ids)
+            cols = slice(0, length) if self.padding_side == "right" else slice(longest - length, longest)
+            input_ids[row, cols] = s.input_ids
+            labels[row, cols] = s.labels
+            attention_mask[row, cols] = 1
+        images = [s.pixel_values for s in samples if s.pixel_values is not None]
+        return Batch(
+            input_ids=input_ids,
+            labels=labels,
+            attention_mask=attention_mask,
+            pixel_values=torch.cat(images) if images else None,
+            images_per_sample=[0 if s.pixel_values is None else int(s.pixel_values.shape[0]) for s in samples],
+            num_image_tokens=sum(s.num_image_tokens for s in samples),
+            sample_ids=[s.id for s in samples],
+        )

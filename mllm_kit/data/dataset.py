@@ -1,0 +1,113 @@
+"""A map-style dataset over LLaVA records: tokenised, image-expanded, truncated, with pixel values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from mllm_kit.data.formats import Record, load_records
+from mllm_kit.data.images import load_image
+from mllm_kit.data.tokenize import ConversationEncoder, Truncation, truncate
+from mllm_kit.encoders.image_transform import ImageTransform
+from mllm_kit.errors import DataError
+from mllm_kit.log import get_logger
+
+log = get_logger(__name__)
+
+MAX_SKIPS = 64
+
+
+@dataclass
+class Sample:
+    """One encoded sample. ``pixel_values``: ``[k, 3, H, W]`` for the k images it kept, or ``None``."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor | None
+    num_image_tokens: int
+    id: str
+    target: str | None = None
+
+
+class LlavaDataset(Dataset[Sample]):
+    """LLaVA JSON/JSONL samples for training (``prompt=False``) or generation prompts (``prompt=True``).
+
+    Over-long samples are trimmed or dropped by ``truncation`` (never inside an image span); a dropped
+    sample is replaced by the next one, and both events are counted and logged.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        image_root: str | Path | None,
+        encoder: ConversationEncoder,
+        image_transform: ImageTransform,
+        max_length: int = 2048,
+        truncation: Truncation = "trim",
+        prompt: bool = False,
+        records: list[Record] | None = None,
+    ) -> None:
+        self.path = str(path)
+        self.image_root = Path(image_root) if image_root is not None else Path(path).parent
+        self.records = records if records is not None else load_records(path)
+        if not self.records:
+            raise DataError(f"data file {self.path!r} holds no samples.")
+        self.encoder = encoder
+        self.image_transform = image_transform
+        self.max_length = max_length
+        self.truncation = truncation
+        self.prompt = prompt
+        self.num_trimmed = 0
+        self.num_dropped = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        for step in range(MAX_SKIPS):
+            sample = self._encode(self.records[(index + step) % len(self.records)])
+            if sample is not None:
+                return sample
+        raise DataError(f"{self.path}: {MAX_SKIPS} consecutive samples from index {index} exceed max_length={self.max_length}.")
+
+    def _encode(self, record: Record) -> Sample | None:
+        turns = record.turns
+        target = None
+        if self.prompt:
+            last_user = max(i for i, t in enumerate(turns) if t.role == "user")
+            target = next((t.content for t in turns[last_user + 1 :] if t.role == "assistant"), None)
+            encoded = self.encoder.encode_prompt(turns[: last_user + 1])
+        else:
+            encoded = self.encoder.encode(turns)
+        fitted = truncate(encoded, self.max_length, self.truncation)
+        if fitted is None:
+            self.num_dropped += 1
+            log.warning("%s: dropped (%d tokens > max_length=%d; %d dropped so far)", record.ref, len(encoded), self.max_length, self.num_dropped)
+            return None
+        if fitted is not encoded:
+            self.num_trimmed += 1
+            log.warning("%s: trimmed from %d to %d tokens (%d trimmed so far)", record.ref, len(encoded), len(fitted), self.num_trimmed)
+        images = record.images[: len(fitted.image_spans)]
+        pixel_values = None
+        if images:
+            pixel_values = torch.stack([self.image_transform(load_image(self.image_root / p, record.ref)) for p in images])
+        return Sample(
+            input_ids=torch.tensor(fitted.input_ids, dtype=torch.long),
+            labels=torch.tensor(fitted.labels, dtype=torch.long),
+            pixel_values=pixel_values,
+            num_image_tokens=sum(s.length for s in fitted.image_spans),
+            id=record.id if record.id is not None else str(record.index),
+            target=target,
+        )
+
+    def modality_lengths(self) -> list[int]:
+        """Estimated token lengths without tokenising: positive for samples with images, negative for text-only."""
+        per_image = self.encoder.tokens_per_image
+        out = []
+        for r in self.records:
+            n = r.num_text_chars() // 4 + len(r.images) * per_image
+            out.append(n if r.images else -max(n, 1))
+        return out

@@ -1,0 +1,115 @@
+"""The vision-encoder contract every encoder implements (DESIGN.md, "Core interfaces")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mllm_kit.encoders.image_transform import ImageTransform
+from mllm_kit.errors import ConfigError
+
+SelectFeature = Literal["patch", "cls_patch"]
+SELECT_FEATURES = ("patch", "cls_patch")
+
+
+@dataclass
+class VisualFeatures:
+    """Per-layer encoder outputs for a batch of images.
+
+    ``hidden_states[k]`` is ``[n_img, N, C]`` in HF indexing (0 = embeddings, k = output of block k,
+    no post-norm), already stripped of prefix tokens according to ``select_feature``.
+    ``selected_layer`` (non-negative) is the encoder's default feature layer.
+    """
+
+    hidden_states: tuple[torch.Tensor, ...]
+    grid: tuple[int, int]
+    selected_layer: int
+
+    @property
+    def selected(self) -> torch.Tensor:
+        """The default feature map, ``[n_img, N, C]``."""
+        return self.hidden_states[self.selected_layer]
+
+
+class VisionEncoder(nn.Module):
+    """Base class: subclasses build the backbone and implement :meth:`backbone_hidden_states`.
+
+    The base class owns what is common to every ViT: layer selection (``select_layer``, HF
+    ``hidden_states`` indexing, default -2 as in LLaVA-1.5, specs/components.md §1.1), CLS handling
+    (``select_feature``), freezing and the image transform.
+    """
+
+    embed_dim: int
+    num_layers: int
+    image_size: int
+    patch_size: int
+    num_prefix_tokens: int
+    layer_cls: type[nn.Module]
+    image_transform: ImageTransform
+
+    def __init__(self, select_layer: int = -2, select_feature: SelectFeature = "patch", frozen: bool = True) -> None:
+        super().__init__()
+        if select_feature not in SELECT_FEATURES:
+            raise ConfigError(f"encoder select_feature must be one of {SELECT_FEATURES}, got {select_feature!r}.")
+        self.select_layer = select_layer
+        self.select_feature = select_feature
+        self.frozen = frozen
+
+    def finish_init(self) -> None:
+        """Validate options against the built backbone; subclasses call this at the end of ``__init__``."""
+        n = self.num_layers + 1
+        if not -n <= self.select_layer < n:
+            raise ConfigError(
+                f"encoder select_layer={self.select_layer} is out of range for {self.num_layers} blocks "
+                f"(valid: {-n}..{n - 1}, HF hidden_states indexing)."
+            )
+        if self.select_feature == "cls_patch" and self.num_prefix_tokens == 0:
+            raise ConfigError(f"{type(self).__name__} has no CLS token; use select_feature: patch.")
+        if self.frozen:
+            self.requires_grad_(False)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size
+        return (side, side)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image after prefix stripping."""
+        h, w = self.grid
+        return h * w + (1 if self.select_feature == "cls_patch" else 0)
+
+    @property
+    def selected_layer(self) -> int:
+        return self.select_layer % (self.num_layers + 1)
+
+    def backbone_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """All ``num_layers + 1`` hidden states ``[n_img, P + N, C]`` including prefix tokens."""
+        raise NotImplementedError
+
+    def forward(self, pixel_values: torch.Tensor) -> VisualFeatures:
+        """``pixel_values [n_img, 3, H, W]`` → :class:`VisualFeatures`."""
+        trainable = any(p.requires_grad for p in self.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            states = self.backbone_hidden_states(pixel_values.to(self.dtype))
+        p = self.num_prefix_tokens
+        if self.select_feature == "patch":
+            states = tuple(h[:, p:] for h in states)
+        elif p > 1:  # keep CLS, drop register tokens
+            states = tuple(torch.cat([h[:, :1], h[:, p:]], dim=1) for h in states)
+        return VisualFeatures(hidden_states=states, grid=self.grid, selected_layer=self.selected_layer)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+def find_layer_list(module: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of ``num_layers`` transformer blocks inside an arbitrary backbone."""
+    for child in module.modules():
+        if isinstance(child, nn.ModuleList) and len(child) == num_layers:
+            return child
+    raise ConfigError(f"could not find the list of {num_layers} blocks in {type(module).__name__}.")

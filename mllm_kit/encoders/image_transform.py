@@ -1,0 +1,82 @@
+"""Image preprocessing owned by each encoder: PIL image → normalised ``[3, H, W]`` tensor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mllm_kit.errors import ConfigError
+
+ResizeMode = Literal["resize", "center_crop", "pad"]
+RESIZE_MODES = ("resize", "center_crop", "pad")
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Resize an image to ``size``×``size`` and normalise it with the encoder's mean/std.
+
+    Modes:
+      * ``resize``: stretch to a square (SigLIP/timm style).
+      * ``center_crop``: resize the short side, then centre-crop (CLIP's processor).
+      * ``pad``: pad to a square with the mean colour, then resize (LLaVA-1.5 ``image_aspect_ratio pad``,
+        specs/components.md §1.3).
+    """
+
+    size: int
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    mode: ResizeMode = "center_crop"
+
+    def __post_init__(self) -> None:
+        if self.mode not in RESIZE_MODES:
+            raise ConfigError(f"image_transform mode {self.mode!r} is not one of {RESIZE_MODES}.")
+        if self.size <= 0:
+            raise ConfigError(f"image size must be positive, got {self.size}.")
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        if self.mode == "pad":
+            image = _pad_to_square(image, tuple(int(round(m * 255)) for m in self.mean))
+        if self.mode == "center_crop":
+            image = _resize_short_side(image, self.size)
+            image = _center_crop(image, self.size)
+        elif image.size != (self.size, self.size):
+            image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        return torch.from_numpy(((array - mean) / std).transpose(2, 0, 1).copy())
+
+
+def _pad_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def _resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    w, h = image.size
+    if min(w, h) == size:
+        return image
+    scale = size / min(w, h)
+    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+
+
+def _center_crop(image: Image.Image, size: int) -> Image.Image:
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))

@@ -1,0 +1,37 @@
+"""The language-model contract (DESIGN.md, "Core interfaces")."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class LanguageModel(nn.Module):
+    """Wraps a causal LM and its tokenizer.
+
+    LLM-side features (DeepStack injection, MoE upcycling, LoRA) attach to ``model`` through module
+    replacement and forward hooks on ``decoder_layers``, so no architecture needs subclassing.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    image_token: str
+    image_token_id: int
+    hidden_size: int
+    decoder_layers: nn.ModuleList
+    layer_cls: type[nn.Module]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` ids → ``[B, T, D]`` input embeddings."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """Runs the HF model on embeddings; returns its ``CausalLMOutputWithPast`` (``logits [B, T, V]``)."""
+        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs)

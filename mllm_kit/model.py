@@ -1,0 +1,147 @@
+"""MLLM = vision encoder → connector → language model (DESIGN.md, "Data flow")."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mllm_kit.batch import Batch
+from mllm_kit.connectors.base import Connector, ConnectorOutput
+from mllm_kit.encoders.base import VisionEncoder
+from mllm_kit.encoders.image_transform import ImageTransform
+from mllm_kit.errors import ConfigError, MllmKitError
+from mllm_kit.llm.base import LanguageModel
+from mllm_kit.presets import resolve_spec
+from mllm_kit.registry import CONNECTORS, ENCODERS, LLMS
+
+
+@dataclass
+class MLLMOutput:
+    """``logits [B, T, V]``; ``aux_losses`` from the connector (and LLM-side modules later)."""
+
+    logits: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class ImageTokenMismatch(MllmKitError):
+    """The number of image-token positions differs from the number of visual tokens produced."""
+
+
+class MLLM(nn.Module):
+    """Owns the three parts; writes visual tokens into the LLM input embeddings at image-token positions."""
+
+    def __init__(self, encoder: VisionEncoder, connector: Connector, llm: LanguageModel) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.connector = connector
+        self.llm = llm
+
+    @classmethod
+    def build(cls, encoder: Mapping[str, Any] | str, connector: Mapping[str, Any] | str, llm: Mapping[str, Any] | str) -> MLLM:
+        """Build from component specs: a preset name, ``{"preset": name, **overrides}``,
+        ``{"name": registered_name, **options}`` or ``{"_target_": "pkg.mod.Class", **options}``."""
+        enc = ENCODERS.build(resolve_spec("encoders", encoder))
+        lm = LLMS.build(resolve_spec("llms", llm))
+        conn = CONNECTORS.build(resolve_spec("connectors", connector), in_dims=[enc.embed_dim], out_dim=lm.hidden_size)
+        return cls(enc, conn, lm)
+
+    # -- what the data pipeline needs to know -------------------------------------------------
+    def tokens_per_image(self) -> int:
+        """N: visual tokens one image occupies in the LLM sequence."""
+        return self.connector.num_tokens(self.encoder.num_tokens, self.encoder.grid)
+
+    @property
+    def image_transform(self) -> ImageTransform:
+        return self.encoder.image_transform
+
+    @property
+    def tokenizer(self):
+        return self.llm.tokenizer
+
+    @property
+    def image_token_id(self) -> int:
+        return self.llm.image_token_id
+
+    # -- forward ------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor, text_context: torch.Tensor | None = None) -> ConnectorOutput:
+        """``[n_img, 3, H, W]`` → connector output with ``tokens [n_img, N, D]``."""
+        features = self.encoder(pixel_values)
+        return self.connector([features], text_context=text_context)
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        num_image_tokens: int | None = None,
+    ) -> tuple[torch.Tensor, ConnectorOutput | None]:
+        """Input embeddings ``[B, T, D]`` with visual tokens at image positions."""
+        embeds = self.llm.embed(input_ids)
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if num_image_tokens:
+                raise ImageTokenMismatch(f"batch has {num_image_tokens} image-token positions but no images.")
+            if self.training:
+                embeds = embeds + 0.0 * self._dummy_visual_sum(embeds)
+            return embeds, None
+        out = self.encode_images(pixel_values)
+        tokens = out.tokens
+        mask = input_ids == self.image_token_id
+        positions = num_image_tokens if num_image_tokens is not None else int(mask.sum())
+        produced = tokens.shape[0] * tokens.shape[1]
+        if positions != produced:
+            raise ImageTokenMismatch(
+                f"the batch has {positions} image-token positions but the connector produced {tokens.shape[0]} images × "
+                f"{tokens.shape[1]} tokens = {produced}. Expand each <image> to model.tokens_per_image() = "
+                f"{self.tokens_per_image()} ids in the data pipeline, and never truncate inside an image span."
+            )
+        embeds = embeds.masked_scatter(mask.unsqueeze(-1), tokens.to(embeds.dtype))
+        return embeds, out
+
+    def _dummy_visual_sum(self, like: torch.Tensor) -> torch.Tensor:
+        # Text-only batches still run the vision path so that every rank calls the same sharded
+        # modules under FSDP/ZeRO-3 (anchors.md §9.5); the result is multiplied by zero.
+        size = self.encoder.image_size
+        dummy = torch.zeros(1, 3, size, size, device=like.device, dtype=self.encoder.dtype)
+        return self.encode_images(dummy).tokens.sum().to(like.dtype)
+
+    def forward(self, batch: Batch, output_hidden_states: bool = False) -> MLLMOutput:
+        embeds, visual = self.embed_inputs(batch.input_ids, batch.pixel_values, batch.num_image_tokens)
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            output_hidden_states=output_hidden_states,
+        )
+        aux = dict(visual.aux_losses) if visual is not None else {}
+        return MLLMOutput(logits=out.logits, aux_losses=aux, hidden_states=out.hidden_states if output_hidden_states else None)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        stop_token_ids: list[int] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Greedy (by default) generation with a KV cache; prompts must be left-padded. Returns ``[B, new]`` ids."""
+        if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+            raise ConfigError("generate() needs left-padded prompts (collate with padding_side='left').")
+        embeds, _ = self.embed_inputs(input_ids, pixel_values)
+        tok = self.llm.tokenizer
+        eos = stop_token_ids or [tok.eos_token_id]
+        kwargs.setdefault("do_sample", False)
+        return self.llm.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=tok.pad_token_id,
+            **kwargs,
+        )
