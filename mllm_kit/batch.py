@@ -20,6 +20,9 @@ class Batch:
     (counted on the host by the collator, so the model can check it without a device sync).
     Packed rows carry ``position_ids`` (restarting at 0 per sequence) and ``seq_lens`` (lengths of the
     sequences in each row); padded rows leave both ``None``.
+    ``num_loss_tokens``: supervised targets after the causal shift (host count); ``window_loss_tokens``: the
+    same summed over the micro-batches of this optimiser step on this rank. ``loss_normalizer`` is set by the
+    trainer: the global batch's supervised-token count, rescaled for accumulation and data parallelism.
     """
 
     input_ids: torch.Tensor
@@ -31,6 +34,9 @@ class Batch:
     position_ids: torch.Tensor | None = None
     seq_lens: list[list[int]] | None = None
     sample_ids: list[str] = field(default_factory=list)
+    num_loss_tokens: int | None = None
+    window_loss_tokens: int | None = None
+    loss_normalizer: float | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {

@@ -1,4 +1,4 @@
-"""The ``mllm-kit`` command line."""
+"""The ``mllm-kit`` command line: fit, eval, report, recipes, components, data synth / inspect."""
 
 from __future__ import annotations
 
@@ -6,12 +6,91 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _components(args: argparse.Namespace) -> int:
+def _console():
     from rich.console import Console
+
+    return Console()
+
+
+def _load(args: argparse.Namespace):
+    from mllm_kit.recipe import load_recipe
+    from mllm_kit.smoke import smoke_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    return smoke_recipe(recipe) if args.smoke else recipe
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from mllm_kit.training.runner import fit
+
+    recipe = _load(args)
+    run_dir = Path(args.run_dir or Path("runs") / (recipe.name + ("-smoke" if args.smoke else "")))
+    stages = [s for s in args.stages.split(",") if s] if args.stages else None
+    fit(recipe, run_dir, resume=args.resume, stages=stages)
+    if recipe.eval.data and not args.no_eval:
+        return _evaluate_run(run_dir)
+    return 0
+
+
+def _evaluate_run(run_dir: Path) -> int:
+    import yaml
+
+    from mllm_kit.evaluate import evaluate
+    from mllm_kit.io import atomic_write_json
+    from mllm_kit.model import MLLM
+    from mllm_kit.recipe import recipe_from_dict
+    from mllm_kit.training.runner import RECIPE_FILE, RunState
+
+    recipe = recipe_from_dict(yaml.safe_load((run_dir / RECIPE_FILE).read_text()))
+    state = RunState.load(run_dir)
+    done = [s for s in recipe.stages if state.done(s.name)]
+    if not done:
+        from mllm_kit.errors import ConfigError
+
+        raise ConfigError(f"{run_dir}: no finished stage to evaluate.")
+    stage = done[-1]
+    model = MLLM.from_pretrained(state.final_dir(stage.name))
+    result = evaluate(model, stage.data, recipe.eval, run_dir / "data")
+    atomic_write_json(run_dir / "eval.json", {"stage": stage.name, "accuracy": result.accuracy, "num_samples": result.num_samples,
+                                              "per_task": result.per_task})
+    _console().print(f"[bold]{run_dir.name}[/] (stage {stage.name}): {result.summary()}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    return _evaluate_run(Path(args.run))
+
+
+def _report(args: argparse.Namespace) -> int:
+    from mllm_kit.report import write_report
+
+    path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    _console().print(f"wrote {path}")
+    return 0
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from mllm_kit.presets import list_presets
+    from mllm_kit.recipe import load_recipe
+
+    table = Table(title="recipe zoo")
+    for column in ("recipe", "description", "stages"):
+        table.add_column(column)
+    for name in list_presets("recipes"):
+        recipe = load_recipe(name)
+        table.add_row(name, recipe.description, " → ".join(s.name for s in recipe.stages))
+    _console().print(table)
+    return 0
+
+
+def _components(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     import mllm_kit  # noqa: F401  (registers the built-ins)
@@ -25,26 +104,62 @@ def _components(args: argparse.Namespace) -> int:
         table.add_row(kind, ", ".join(registry.names()) or "-")
     for group in GROUPS:
         table.add_row(f"presets: {group}/", ", ".join(list_presets(group)) or "-")
-    Console().print(table)
+    _console().print(table)
     return 0
 
 
 def _data_synth(args: argparse.Namespace) -> int:
     from mllm_kit.data.synthetic import SynthConfig, generate
-    from mllm_kit.log import get_logger
 
     config = SynthConfig(
         seed=args.seed, image_size=args.image_size, num_align=args.num_align, num_sft=args.num_sft,
         num_eval=args.num_eval, tasks=tuple(args.tasks.split(",")), blank_images=args.blank_images,
     )
     paths = generate(args.out, config)
-    get_logger("cli").info("synthetic data in %s: %s, %s, %s", paths.root, paths.align.name, paths.sft.name, paths.eval.name)
+    _console().print(f"synthetic data in {paths.root}: {paths.align.name}, {paths.sft.name}, {paths.eval.name}")
+    return 0
+
+
+def _data_inspect(args: argparse.Namespace) -> int:
+    from mllm_kit.inspect import render_sample
+    from mllm_kit.training.data import build_dataset
+    from mllm_kit.training.runner import build_recipe_model
+
+    recipe = _load(args)
+    stage = recipe.stage(args.stage) if args.stage else recipe.stages[0]
+    model = build_recipe_model(recipe)
+    dataset = build_dataset(model, stage.data, Path(args.data_root), "train")
+    console = _console()
+    for index in range(args.index, min(len(dataset), args.index + args.count)):
+        console.print(render_sample(dataset[index], model.tokenizer, model.image_token_id))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllm-kit", description="Assemble and train multimodal LLMs from swappable parts.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="run every stage of a recipe (then evaluate, if the recipe has eval data)")
+    p.add_argument("--recipe", required=True, help="recipe file, or the name of one in the zoo")
+    p.add_argument("--smoke", action="store_true", help="tiny models of the same families, synthetic data, a few steps per stage")
+    p.add_argument("--run-dir", help="run directory (default: runs/<recipe name>)")
+    p.add_argument("--resume", action="store_true", help="skip finished stages; continue the unfinished one from its last checkpoint")
+    p.add_argument("--stages", help="comma-separated subset of stages to run")
+    p.add_argument("--no-eval", action="store_true", help="do not evaluate after the last stage")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 stages.sft.optim.max_steps=10")
+    p.set_defaults(func=_fit)
+
+    p = sub.add_parser("eval", help="held-out accuracy of a run's last finished stage")
+    p.add_argument("--run", required=True, help="run directory")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("report", help="plot loss and learning-rate curves of every stage to a PNG")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="PNG path (default: RUN_DIR/report.png)")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("recipes", help="list the recipe zoo")
+    p.set_defaults(func=_recipes)
 
     p = sub.add_parser("components", help="list every registered component and preset")
     p.set_defaults(func=_components)
@@ -60,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="color,shape", help="comma-separated: color,shape,count,position,relation")
     p.add_argument("--blank-images", action="store_true", help="render backgrounds only (blind control)")
     p.set_defaults(func=_data_synth)
+
+    p = data.add_parser("inspect", help="show encoded samples of a recipe's stage with supervised spans marked")
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--stage", help="stage name (default: the first)")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--data-root", default="runs/inspect-data", help="where synthetic data is generated")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_data_inspect)
     return parser
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mllm_kit.batch import Batch
@@ -14,9 +17,13 @@ from mllm_kit.connectors.base import Connector, ConnectorOutput
 from mllm_kit.encoders.base import VisionEncoder
 from mllm_kit.encoders.image_transform import ImageTransform
 from mllm_kit.errors import ConfigError, MllmKitError
+from mllm_kit.io import atomic_dir
 from mllm_kit.llm.base import LanguageModel
 from mllm_kit.presets import resolve_spec
 from mllm_kit.registry import CONNECTORS, ENCODERS, LLMS
+
+
+MLLM_CONFIG = "mllm.json"
 
 
 @dataclass
@@ -49,6 +56,44 @@ class MLLM(nn.Module):
         lm = LLMS.build(resolve_spec("llms", llm))
         conn = CONNECTORS.build(resolve_spec("connectors", connector), in_dims=[enc.embed_dim], out_dim=lm.hidden_size)
         return cls(enc, conn, lm)
+
+    # -- saving and loading ----------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``encoder/`` and ``llm/`` (HF/timm directories), ``connector.safetensors`` and ``mllm.json``,
+        atomically: an interrupted save leaves any previous ``directory`` intact."""
+        specs = {}
+        for part in ("encoder", "connector", "llm"):
+            spec = getattr(getattr(self, part), "build_spec", None)
+            if spec is None:
+                raise ConfigError(f"the {part} was not built from a spec (use MLLM.build), so it cannot be saved for reloading.")
+            specs[part] = dict(spec)
+        with atomic_dir(directory) as tmp:
+            specs["encoder"].update(self.encoder.save_pretrained(tmp / "encoder"))
+            specs["llm"].update(self.llm.save_pretrained(tmp / "llm"))
+            save_file({k: v.contiguous() for k, v in self.connector.state_dict().items()}, str(tmp / "connector.safetensors"))
+            for part in ("encoder", "llm"):  # paths inside the saved directory are stored relative to it
+                specs[part]["path"] = part
+            meta = {"format": 1, "tokens_per_image": self.tokens_per_image(), **specs}
+            (tmp / MLLM_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        return Path(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> MLLM:
+        """Load what :meth:`save_pretrained` wrote."""
+        directory = Path(directory)
+        config_file = directory / MLLM_CONFIG
+        if not config_file.is_file():
+            raise ConfigError(f"{directory} is not a saved mllm-kit model (no {MLLM_CONFIG}).")
+        meta = json.loads(config_file.read_text())
+        specs = {}
+        for part in ("encoder", "connector", "llm"):
+            spec = {k: v for k, v in meta[part].items() if v is not None}
+            if part != "connector":
+                spec["path"] = str(directory / spec["path"])
+            specs[part] = spec
+        model = cls.build(specs["encoder"], specs["connector"], specs["llm"])
+        model.connector.load_state_dict(load_file(str(directory / "connector.safetensors")))
+        return model
 
     # -- what the data pipeline needs to know -------------------------------------------------
     def tokens_per_image(self) -> int:

@@ -101,6 +101,9 @@ class Registry(Generic[T]):
         cls, kwargs = self.resolve(spec)
         check_kwargs(cls, kwargs, what=f"{self.kind} {_label(spec)}", supplied=extra)
         obj = cls(**kwargs, **extra)
+        # Remember how it was built, so a saved model can be rebuilt (see MLLM.save_pretrained).
+        target = spec.get(TARGET_KEY) if isinstance(spec, Mapping) else None
+        obj.build_spec = {TARGET_KEY: target, **kwargs} if target else {NAME_KEY: _plain_name(spec), **kwargs}
         if self.base is not None and not isinstance(obj, self.base):
             raise RegistryError(f"{self.kind} {_label(spec)} built {type(obj).__name__}, which is not a {self.base.__name__}.")
         return obj
@@ -124,17 +127,22 @@ def check_kwargs(cls: Any, kwargs: Mapping[str, Any], *, what: str, supplied: Ma
         params = inspect.signature(cls).parameters
     except (TypeError, ValueError):  # builtins without a signature: let the call decide
         return
+    for key in kwargs:
+        if key in supplied:
+            raise RegistryError(f"{what}: option {key!r} is set by mllm-kit itself; remove it from the config.")
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     valid = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     for key in kwargs:
-        if key in supplied:
-            raise RegistryError(f"{what}: option {key!r} is set by mllm-kit itself; remove it from the config.")
         if key not in valid:
             options = [v for v in valid if v not in supplied]
             raise RegistryError(
                 f"{what}: unknown option {key!r}.{did_you_mean(key, options)} Valid options: {', '.join(options)}."
             )
+
+
+def _plain_name(spec: Mapping[str, Any] | str) -> str:
+    return spec if isinstance(spec, str) else spec[NAME_KEY]
 
 
 def _qualname(obj: Any) -> str:

@@ -23,3 +23,28 @@ def tiny_cache(tmp_path_factory):
         os.environ.pop("MLLM_KIT_CACHE", None)
     else:
         os.environ["MLLM_KIT_CACHE"] = old
+
+
+def _tiny_recipe(**stage_optim) -> dict:
+    """A tiny two-stage recipe (tiny encoder/LLM from mllm_kit.tiny, synthetic data), as a recipe dict."""
+    from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec
+
+    optim = {"lr": 1e-3, "global_batch_size": 4, "micro_batch_size": 2, "max_steps": 2, **stage_optim}
+    return {
+        "name": "tiny",
+        "model": {"encoder": tiny_encoder_spec("clip"), "connector": "mlp2x_gelu", "llm": tiny_llm_spec("llama")},
+        "data": {"template": "chatml", "max_length": 256,
+                 "synthetic": {"num_align": 24, "num_sft": 24, "num_eval": 12, "image_size": 64}},
+        "optim": optim,
+        "trainer": {"progress": False, "log_every_n_steps": 1, "checkpoint_every_n_steps": 1},
+        "eval": {"data": "synthetic:eval", "max_new_tokens": 3, "batch_size": 6},
+        "stages": [
+            {"name": "align", "trainable": ["connector"], "data": {"train": "synthetic:align", "template": "plain"}},
+            {"name": "sft", "trainable": ["connector", "llm"], "data": {"train": "synthetic:sft"}},
+        ],
+    }
+
+
+@pytest.fixture
+def tiny_recipe():
+    return _tiny_recipe

@@ -49,4 +49,5 @@ class PadCollator:
             images_per_sample=[0 if s.pixel_values is None else int(s.pixel_values.shape[0]) for s in samples],
             num_image_tokens=sum(s.num_image_tokens for s in samples),
             sample_ids=[s.id for s in samples],
+            num_loss_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
         )

@@ -12,8 +12,9 @@ from mllm_kit.errors import ConfigError
 
 def grouped_indices(lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator,
                     group_by_modality: bool = True) -> list[int]:
-    """A shuffled order in which every run of ``batch_size × world_size`` indices has one modality and
-    is sorted by length, so each rank's micro-batch pads little.
+    """A shuffled order in which every full run of ``batch_size × world_size`` indices has one modality and
+    is sorted by length, so each rank's micro-batch pads little. The leftovers of each modality (fewer
+    than one run each) come last, together.
 
     ``lengths`` are signed: positive for samples with images, negative for text-only.
     """
@@ -56,5 +57,5 @@ class LengthGroupedSampler(Sampler[int]):
         return len(self.lengths)
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return iter(grouped_indices(self.lengths, self.batch_size, self.world_size, g, self.group_by_modality))

@@ -233,9 +233,8 @@ def _scene_for(task: str, answer: str, rng: np.random.Generator, config: SynthCo
         placed = []
         for q in sorted(int(v) for v in quadrants):
             x0, y0 = (q % 2) * cell, (q // 2) * cell
-            placed.append(
-                Shape(kind, color, _int(rng, x0 + 1 + r, x0 + cell - 2 - r), _int(rng, y0 + 1 + r, y0 + cell - 2 - r), r)
-            )
+            x = _int(rng, x0 + 1 + r, x0 + cell - 2 - r)
+            placed.append(Shape(kind, color, x, _int(rng, y0 + 1 + r, y0 + cell - 2 - r), r))
         shapes = tuple(placed)
     elif task == "position":
         third = _third(size)
@@ -276,13 +275,17 @@ def _all_questions(scene: Scene, size: int, tasks: Sequence[str]) -> list[_QA]:
     return [qa for qa in qas if qa[0] in tasks]
 
 
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
 def _caption(scene: Scene, size: int) -> str:
     shapes = scene.shapes
     if len(shapes) == 2 and shapes[0].color != shapes[1].color:
         a, b = sorted(shapes, key=lambda s: s.x)
-        return f"a {a.color} {a.kind} left of a {b.color} {b.kind}."
+        return f"{_a(a.color)} {a.kind} left of {_a(b.color)} {b.kind}."
     s = shapes[0]
-    text = f"a {s.color} {s.kind}" if len(shapes) == 1 else f"{_COUNT_WORDS[len(shapes) - 1]} {s.color} {s.kind}s"
+    text = f"{_a(s.color)} {s.kind}" if len(shapes) == 1 else f"{_COUNT_WORDS[len(shapes) - 1]} {s.color} {s.kind}s"
     sides = {_side(t, size) for t in shapes}
     if len(sides) == 1 and None not in sides:
         text += f" on the {sides.pop()}"

@@ -102,10 +102,10 @@ class FormatTemplate(Template):
         return segments
 
     def render_prompt(self, turns: Sequence[Turn], tokenizer: PreTrainedTokenizerBase) -> list[Segment]:
-        segments = self.render(turns, tokenizer)
         if not turns or turns[-1].role != "user":
             raise DataError(f"template {self.name!r}: a prompt must end with a user turn.")
-        return segments
+        # Earlier replies are context here, not targets.
+        return [Segment(s.text) for s in self.render(turns, tokenizer)]
 
     def stop_strings(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
         return list(dict.fromkeys([self._stop(tokenizer), tokenizer.eos_token]))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -101,6 +102,10 @@ class VisionEncoder(nn.Module):
         elif p > 1:  # keep CLS, drop register tokens
             states = tuple(torch.cat([h[:, :1], h[:, p:]], dim=1) for h in states)
         return VisualFeatures(hidden_states=states, grid=self.grid, selected_layer=self.selected_layer)
+
+    def save_pretrained(self, directory: Path) -> dict[str, Any]:
+        """Write the backbone to ``directory``; return the spec fields that make it load from there."""
+        raise NotImplementedError(f"{type(self).__name__} cannot save itself; implement save_pretrained().")
 
     @property
     def dtype(self) -> torch.dtype:

@@ -79,8 +79,8 @@ class HFVisionEncoder(VisionEncoder):
         self.patch_size = cfg.patch_size
         self.native_image_size = cfg.image_size
         self.image_size = image_size or cfg.image_size
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"encoder image_size {self.image_size} is not a multiple of patch_size {self.patch_size}.")
+        if self.image_size < self.patch_size:
+            raise ConfigError(f"encoder image_size {self.image_size} is smaller than patch_size {self.patch_size}.")
         self.num_prefix_tokens = 1 if self.has_cls else 0
         self.layer_cls = type(find_layer_list(self.model, self.num_layers)[0])
         file_mean, file_std = _processor_stats(path)
@@ -91,6 +91,12 @@ class HFVisionEncoder(VisionEncoder):
             mode=image_mode or self.default_mode,
         )
         self.finish_init()
+
+    def save_pretrained(self, directory: Path) -> dict[str, Any]:
+        self.model.save_pretrained(directory)
+        t = self.image_transform
+        (Path(directory) / "preprocessor_config.json").write_text(json.dumps({"image_mean": list(t.mean), "image_std": list(t.std)}))
+        return {"path": str(directory), "config": None}
 
     def backbone_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         kwargs = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,13 @@ class TimmVisionEncoder(VisionEncoder):
         kwargs: dict[str, Any] = {"num_classes": 0, **(model_kwargs or {})}
         if image_size is not None:
             kwargs["img_size"] = image_size
+        # Architecture arguments, kept so save_pretrained() writes a directory that rebuilds the same model.
+        self._model_args = dict(model_kwargs or {})
         if path is not None:
-            if not Path(path, "config.json").is_file():
+            config_file = Path(path, "config.json")
+            if not config_file.is_file():
                 raise ConfigError(f"timm encoder path {path!r} has no config.json (write it with timm save_for_hf).")
+            self._model_args = {**json.loads(config_file.read_text()).get("model_args", {}), **self._model_args}
             self.model = timm.create_model(f"local-dir:{path}", pretrained=True, **kwargs)
         elif model_name is not None:
             if weights is not None and not Path(weights).is_file():
@@ -70,6 +75,13 @@ class TimmVisionEncoder(VisionEncoder):
             mode=image_mode,
         )
         self.finish_init()
+
+    def save_pretrained(self, directory: Path) -> dict[str, Any]:
+        from timm.models import save_for_hf
+
+        args = {"img_size": self.image_size, **getattr(self, "_model_args", {})}
+        save_for_hf(self.model, str(directory), model_args=args, safe_serialization=True)
+        return {"path": str(directory), "model_name": None, "weights": None, "model_kwargs": None, "image_size": None}
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -21,6 +24,12 @@ class LanguageModel(nn.Module):
     hidden_size: int
     decoder_layers: nn.ModuleList
     layer_cls: type[nn.Module]
+
+    def save_pretrained(self, directory: Path) -> dict[str, Any]:
+        """Write model + tokenizer to ``directory``; return the spec fields that make it load from there."""
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        return {"path": str(directory), "config": None, "tokenizer": None}
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` ids → ``[B, T, D]`` input embeddings."""

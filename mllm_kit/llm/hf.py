@@ -22,9 +22,11 @@ class HFCausalLM(LanguageModel):
     """A ``transformers`` causal LM loaded from ``path`` (a local dir or hub id) or built from ``config``.
 
     ``config`` is a dict with ``model_type`` (e.g. ``{"model_type": "llama", "hidden_size": 64, ...}``) and
-    needs ``tokenizer``. The image token (``<image>``) and any ``special_tokens`` a chat template needs are
+    needs ``tokenizer`` (a directory, or ``tiny`` for the offline tokenizer of :mod:`mllm_kit.tiny`); the
+    vocabulary size and special-token ids default to the tokenizer's. The image token (``<image>``) and any ``special_tokens`` a chat template needs are
     added to the tokenizer when absent and the embeddings resized. Tokenizers without a pad token use
-    ``unk`` or, failing that, ``eos`` — labels never derive from pad ids, so that is safe.
+    ``unk`` or, failing that, ``eos`` — labels never derive from pad ids, so that is safe. ``family``
+    (``llama``, ``qwen2``, ...) names the architecture without loading it; ``--smoke`` uses it.
     """
 
     def __init__(
@@ -37,11 +39,17 @@ class HFCausalLM(LanguageModel):
         image_token: str = "<image>",
         special_tokens: list[str] | tuple[str, ...] = (),
         trust_remote_code: bool = False,
+        family: str | None = None,
     ) -> None:
         super().__init__()
+        self.family = family
         if (path is None) == (config is None):
             raise ConfigError("hf_causal_lm: give exactly one of 'path' (a model directory) or 'config'.")
         tokenizer_path = tokenizer or path
+        if tokenizer_path == "tiny":
+            from mllm_kit.tiny import tiny_tokenizer
+
+            tokenizer_path = str(tiny_tokenizer())
         if tokenizer_path is None:
             raise ConfigError("hf_causal_lm built from 'config' needs 'tokenizer' (a tokenizer directory).")
         self.tokenizer = from_pretrained(AutoTokenizer, tokenizer_path, what="tokenizer", trust_remote_code=trust_remote_code)
@@ -55,7 +63,10 @@ class HFCausalLM(LanguageModel):
             model_type = cfg.pop("model_type", None)
             if model_type is None:
                 raise ConfigError("hf_causal_lm config needs 'model_type' (e.g. llama, qwen2, mistral, phi3).")
-            hf_config = AutoConfig.for_model(model_type, **cfg)
+            tok = self.tokenizer
+            ids = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                   "pad_token_id": tok.pad_token_id}
+            hf_config = AutoConfig.for_model(model_type, **{**{k: v for k, v in ids.items() if v is not None}, **cfg})
             self.model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
         self.image_token = image_token
         self._ensure_tokens([image_token, *special_tokens])

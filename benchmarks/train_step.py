@@ -1,0 +1,152 @@
+"""Training-step time of mllm-kit vs transformers' LlavaForConditionalGeneration, same weights and batches.
+
+Both run in a plain PyTorch loop (forward, next-token loss on supervised tokens, backward, AdamW step),
+with the vision tower frozen and the projector + LLM trained, as in LLaVA's SFT stage. Each variant runs in
+its own process so peak memory is its own (peak RSS on CPU, max allocated on CUDA).
+
+    python benchmarks/train_step.py                 # both sizes, CPU
+    python benchmarks/train_step.py --device cuda   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SIZES = {
+    # name: (vision hidden, vision layers, image, patch, llm hidden, llm layers, heads, intermediate, batch, text tokens)
+    "tiny": dict(v_hidden=64, v_layers=2, image=32, patch=8, hidden=64, layers=2, heads=4, inter=128, batch=8, text=112),
+    "20M": dict(v_hidden=256, v_layers=4, image=64, patch=8, hidden=512, layers=4, heads=8, inter=1376, batch=8, text=192),
+}
+
+
+def build_llava(size: dict, root: Path):
+    import torch
+    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+
+    from mllm_kit.tiny import tiny_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer(root / "cache"))
+    vision = CLIPVisionConfig(image_size=size["image"], patch_size=size["patch"], hidden_size=size["v_hidden"], intermediate_size=4 * size["v_hidden"],
+                              num_hidden_layers=size["v_layers"], num_attention_heads=4)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=size["hidden"], intermediate_size=size["inter"], num_hidden_layers=size["layers"],
+                       num_attention_heads=size["heads"], num_key_value_heads=size["heads"], pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    llava = LlavaForConditionalGeneration(config)
+    llava.model.vision_tower.save_pretrained(root / "vision")
+    lm = LlamaForCausalLM(text)
+    state = {f"model.{k}": v for k, v in llava.model.language_model.state_dict().items()}
+    state["lm_head.weight"] = llava.lm_head.weight
+    lm.load_state_dict(state)
+    lm.save_pretrained(root / "llm")
+    tok.save_pretrained(root / "llm")
+    torch.save(llava.model.multi_modal_projector.state_dict(), root / "projector.pt")
+    return llava, config
+
+
+def make_batches(size: dict, image_token_id: int, n: int):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    tokens = (size["image"] // size["patch"]) ** 2
+    batches = []
+    for _ in range(n):
+        text = torch.randint(10, 300, (size["batch"], size["text"]), generator=g)
+        ids = torch.cat([text[:, :4], torch.full((size["batch"], tokens), image_token_id), text[:, 4:]], dim=1)
+        labels = ids.clone()
+        labels[:, : 4 + tokens + size["text"] // 2] = -100
+        batches.append((ids, labels, torch.randn(size["batch"], 3, size["image"], size["image"], generator=g)))
+    return batches
+
+
+def run_variant(variant: str, size_name: str, device: str, steps: int, warmup: int) -> dict:
+    import torch
+
+    from mllm_kit import MLLM, Batch
+    from mllm_kit.objectives.lm import LMObjective
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    size = SIZES[size_name]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        llava, config = build_llava(size, root)
+        if variant == "transformers":
+            model = llava
+            model.model.vision_tower.requires_grad_(False)
+        else:
+            model = MLLM.build({"name": "hf_clip", "path": str(root / "vision")}, {"name": "mlp", "depth": 2},
+                               {"name": "hf_causal_lm", "path": str(root / "llm")})
+            proj = torch.load(root / "projector.pt")
+            model.connector.mlp[0].load_state_dict({k[len("linear_1."):]: v for k, v in proj.items() if k.startswith("linear_1.")})
+            model.connector.mlp[2].load_state_dict({k[len("linear_2."):]: v for k, v in proj.items() if k.startswith("linear_2.")})
+            del llava
+        model.to(device).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        objective = LMObjective()
+        batches = make_batches(size, config.image_token_index, steps + warmup)
+        times = []
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for i, (ids, labels, pixels) in enumerate(batches):
+            ids, labels, pixels = ids.to(device), labels.to(device), pixels.to(device)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            if variant == "transformers":
+                loss = model(input_ids=ids, pixel_values=pixels, labels=labels).loss
+            else:
+                batch = Batch(input_ids=ids, labels=labels, pixel_values=pixels, num_image_tokens=int(pixels.shape[0]) * model.tokens_per_image())
+                loss = objective(model(batch), batch)["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        n_params = sum(p.numel() for p in model.parameters())
+    return {"variant": variant, "size": size_name, "median_ms": 1000 * statistics.median(times), "peak_mb": peak, "params": n_params}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--sizes", default="tiny,20M")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:  # child process
+        print(json.dumps(run_variant(args.variant, args.size, args.device, args.steps, args.warmup)))
+        return
+    for size in args.sizes.split(","):
+        results = {}
+        for variant in ("transformers", "mllm-kit"):
+            cmd = [sys.executable, __file__, "--variant", variant, "--size", size, "--device", args.device,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            results[variant] = json.loads(out)
+        hf, ours = results["transformers"], results["mllm-kit"]
+        print(f"{size:>5} ({ours['params'] / 1e6:.1f}M params, {args.device}): transformers {hf['median_ms']:.1f} ms, "
+              f"mllm-kit {ours['median_ms']:.1f} ms, ratio {ours['median_ms'] / hf['median_ms']:.3f}; "
+              f"peak memory {hf['peak_mb']:.0f} MB vs {ours['peak_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

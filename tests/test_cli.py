@@ -1,0 +1,63 @@
+"""The mllm-kit command line, end to end on tiny models (--smoke)."""
+
+import json
+
+import pytest
+
+from mllm_kit.cli import main
+
+
+def test_recipes_lists_the_zoo(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "quickstart" in out and "llava15" in out and "align → sft" in out
+
+
+def test_components_lists_registries_and_presets(capsys):
+    assert main(["components"]) == 0
+    out = capsys.readouterr().out
+    for name in ("hf_clip", "timm", "mlp", "hf_causal_lm", "vicuna_v1", "lm", "clip_vit_l14_336", "mlp2x_gelu"):
+        assert name in out
+
+
+@pytest.fixture(scope="module")
+def llava15_smoke(tmp_path_factory):
+    run = tmp_path_factory.mktemp("llava15")
+    assert main(["fit", "--recipe", "llava15", "--smoke", "--run-dir", str(run), "trainer.progress=false"]) == 0
+    return run
+
+
+def test_llava15_smoke_runs_every_stage(llava15_smoke):
+    state = json.loads((llava15_smoke / "state.json").read_text())["stages"]
+    assert [state[s]["status"] for s in ("align", "sft")] == ["done", "done"]
+    assert (llava15_smoke / "sft" / "final" / "mllm.json").is_file()
+    assert (llava15_smoke / "align" / "checkpoints" / "last.ckpt").is_file()
+    assert (llava15_smoke / "sft" / "logs" / "metrics.csv").is_file()
+    assert any((llava15_smoke / "sft" / "logs").glob("events.out.tfevents.*"))
+    resolved = (llava15_smoke / "recipe.yaml").read_text()
+    assert "vicuna_v1" in resolved and "plain" in resolved
+
+
+def test_eval_and_report(llava15_smoke, capsys):
+    assert main(["eval", "--run", str(llava15_smoke)]) == 0
+    assert "held-out accuracy" in capsys.readouterr().out
+    result = json.loads((llava15_smoke / "eval.json").read_text())
+    assert result["stage"] == "sft" and result["num_samples"] == 16
+    assert main(["report", str(llava15_smoke)]) == 0
+    assert (llava15_smoke / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_existing_run_needs_resume(llava15_smoke, capsys):
+    assert main(["fit", "--recipe", "llava15", "--smoke", "--run-dir", str(llava15_smoke)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_data_inspect_marks_supervised_spans(tmp_path, capsys):
+    assert main(["data", "inspect", "--recipe", "llava15", "--smoke", "--stage", "sft", "--data-root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "ASSISTANT:" in out and "[[" in out and "<image×16>" in out
+
+
+def test_bad_recipe_key_is_a_clean_error(tmp_path, capsys):
+    assert main(["fit", "--recipe", "quickstart", "--run-dir", str(tmp_path), "optim.lrr=1"]) == 2
+    assert "optim.lrr: unknown key. Did you mean 'lr'?" in capsys.readouterr().err

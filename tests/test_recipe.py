@@ -1,0 +1,93 @@
+"""Recipe loading: presets, overrides, and errors that name the key path."""
+
+import pytest
+import yaml
+
+from mllm_kit.errors import ConfigError
+from mllm_kit.recipe import accumulation_steps, load_recipe, recipe_from_dict
+from mllm_kit.training.runner import RunState, prepare_stage
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_stage_overrides_merge_onto_recipe_defaults(tiny_recipe):
+    recipe = recipe_from_dict(tiny_recipe())
+    align, sft = recipe.stages
+    assert align.data.template == "plain" and sft.data.template == "chatml"
+    assert align.data.max_length == 256 and align.optim.lr == 1e-3
+    assert sft.trainable == ["connector", "llm"]
+
+
+def test_cli_overrides_address_stages_by_name(tmp_path, tiny_recipe):
+    recipe = load_recipe(str(_write(tmp_path, tiny_recipe())), ["stages.sft.optim.lr=3e-4", "data.max_length=128"])
+    assert recipe.stage("sft").optim.lr == 3e-4
+    assert recipe.stage("align").optim.lr == 1e-3
+    assert all(s.data.max_length == 128 for s in recipe.stages)
+
+
+def test_zoo_recipes_load():
+    for name in ("quickstart", "llava15"):
+        recipe = load_recipe(name)
+        assert recipe.stages
+    llava = load_recipe("llava15")
+    align, sft = llava.stages
+    assert (align.optim.lr, align.optim.global_batch_size, align.data.template) == (1e-3, 256, "plain")
+    assert (sft.optim.lr, sft.optim.global_batch_size, sft.data.template) == (2e-5, 128, "vicuna_v1")
+    assert sft.optim.warmup_ratio == 0.03 and sft.optim.weight_decay == 0.0 and sft.optim.schedule == "cosine"
+    assert sft.trainable == ["connector", "llm"] and align.trainable == ["connector"]
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r["stages"][1].update(optim={"lrr": 1.0}), r"stages\[1\]\.optim\.lrr: unknown key\. Did you mean 'lr'"),
+        (lambda r: r.update(optimm={}), r"optimm: unknown key\. Did you mean 'optim'"),
+        (lambda r: r["optim"].update(lr="fast"), r"optim\.lr: expected a number"),
+        (lambda r: r["stages"][0].update(trainable=[]), r"stages\[0\]\.trainable: stage 'align' trains nothing"),
+        (lambda r: r["stages"][0].pop("trainable"), r"stages\[0\]\.trainable: required key is missing"),
+        (lambda r: r["data"].update(truncation="cut"), r"data\.truncation: expected one of \['trim', 'drop'\]"),
+        (lambda r: r["stages"][1].update(name="align"), r"stage names must be unique"),
+    ],
+)
+def test_recipe_errors_name_the_key_path(mutate, message, tiny_recipe):
+    data = tiny_recipe()
+    mutate(data)
+    with pytest.raises(ConfigError, match=message):
+        recipe_from_dict(data)
+
+
+def test_unknown_preset_suggests_the_closest(tmp_path, tiny_recipe):
+    data = tiny_recipe()
+    data["model"]["connector"] = "mlp2x_gelo"
+    recipe = recipe_from_dict(data)
+    with pytest.raises(ConfigError, match=r"unknown connector preset 'mlp2x_gelo'\. Did you mean 'mlp2x_gelu'"):
+        prepare_stage(recipe, 0, tmp_path, RunState.load(tmp_path))
+
+
+def test_unknown_recipe_name():
+    with pytest.raises(ConfigError, match="Did you mean 'quickstart'"):
+        load_recipe("quickstrat")
+
+
+def test_global_batch_must_divide(tiny_recipe):
+    recipe = recipe_from_dict(tiny_recipe(global_batch_size=6, micro_batch_size=4))
+    with pytest.raises(ConfigError, match=r"global_batch_size=6 is not divisible by micro_batch_size × world size = 4 × 2"):
+        accumulation_steps(recipe.stages[0].optim, world_size=2, path="stages[0].optim")
+    assert accumulation_steps(recipe_from_dict(tiny_recipe(global_batch_size=16, micro_batch_size=2)).stages[0].optim, 2) == 4
+
+
+def test_trainable_pattern_that_matches_nothing(tmp_path, tiny_recipe):
+    data = tiny_recipe()
+    data["stages"][0]["trainable"] = ["conector"]
+    recipe = recipe_from_dict(data)
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.trainable: 'conector' matches no parameter\. Did you mean 'connector'"):
+        prepare_stage(recipe, 0, tmp_path, RunState.load(tmp_path))
+
+
+def test_bad_override_stage_name(tmp_path, tiny_recipe):
+    with pytest.raises(ConfigError, match="no stage named 'sfft'. Did you mean 'sft'"):
+        load_recipe(str(_write(tmp_path, tiny_recipe())), ["stages.sfft.optim.lr=1"])
