@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -30,13 +29,13 @@ SIZES = {
 }
 
 
-def build_llava(size: dict, root: Path):
+def build_llava(size: dict):
     import torch
-    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from mllm_kit.tiny import tiny_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer(root / "cache"))
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer())
     vision = CLIPVisionConfig(image_size=size["image"], patch_size=size["patch"], hidden_size=size["v_hidden"], intermediate_size=4 * size["v_hidden"],
                               num_hidden_layers=size["v_layers"], num_attention_heads=4)
     text = LlamaConfig(vocab_size=len(tok), hidden_size=size["hidden"], intermediate_size=size["inter"], num_hidden_layers=size["layers"],
@@ -45,16 +44,7 @@ def build_llava(size: dict, root: Path):
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                          projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default")
     torch.manual_seed(0)
-    llava = LlavaForConditionalGeneration(config)
-    llava.model.vision_tower.save_pretrained(root / "vision")
-    lm = LlamaForCausalLM(text)
-    state = {f"model.{k}": v for k, v in llava.model.language_model.state_dict().items()}
-    state["lm_head.weight"] = llava.lm_head.weight
-    lm.load_state_dict(state)
-    lm.save_pretrained(root / "llm")
-    tok.save_pretrained(root / "llm")
-    torch.save(llava.model.multi_modal_projector.state_dict(), root / "projector.pt")
-    return llava, config
+    return LlavaForConditionalGeneration(config), tok
 
 
 def make_batches(size: dict, image_token_id: int, n: int):
@@ -75,29 +65,27 @@ def make_batches(size: dict, image_token_id: int, n: int):
 def run_variant(variant: str, size_name: str, device: str, steps: int, warmup: int) -> dict:
     import torch
 
-    from mllm_kit import MLLM, Batch
+    from mllm_kit import Batch
+    from mllm_kit.hf_llava import from_hf_llava
     from mllm_kit.objectives.lm import LMObjective
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     size = SIZES[size_name]
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        llava, config = build_llava(size, root)
+        os.environ["MLLM_KIT_CACHE"] = tmp
+        llava, tok = build_llava(size)
+        image_token_id = llava.config.image_token_index
         if variant == "transformers":
             model = llava
             model.model.vision_tower.requires_grad_(False)
         else:
-            model = MLLM.build({"name": "hf_clip", "path": str(root / "vision")}, {"name": "mlp", "depth": 2},
-                               {"name": "hf_causal_lm", "path": str(root / "llm")})
-            proj = torch.load(root / "projector.pt")
-            model.connector.mlp[0].load_state_dict({k[len("linear_1."):]: v for k, v in proj.items() if k.startswith("linear_1.")})
-            model.connector.mlp[2].load_state_dict({k[len("linear_2."):]: v for k, v in proj.items() if k.startswith("linear_2.")})
+            model = from_hf_llava(llava, tok, tmp)
             del llava
         model.to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         objective = LMObjective()
-        batches = make_batches(size, config.image_token_index, steps + warmup)
+        batches = make_batches(size, image_token_id, steps + warmup)
         times = []
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -9,7 +9,6 @@ typo fails before anything trains, with the key path and a suggestion.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,16 +47,20 @@ class SynthSpec:
 @dataclass
 class DataSpec:
     """``train``/``eval``: a LLaVA JSON/JSONL path, or ``synthetic:align|sft|eval``. ``image_mode`` overrides the
-    encoder's resize mode for this data (LLaVA-1.5 pads to square only in SFT)."""
+    encoder's resize mode for this data (LLaVA-1.5 pads to square only in SFT). ``system_prompt`` replaces the
+    template's default system prompt (``""``: none) for samples without one. ``length_group_size``: how many
+    global micro-batches are sorted by length together before shuffling (1 = LLaVA's grouping)."""
 
     train: str | None = None
     eval: str | None = None
     image_root: str | None = None
     template: str = "chatml"
+    system_prompt: str | None = None
     image_mode: Literal["resize", "center_crop", "pad"] | None = None
     max_length: int = 2048
     truncation: Literal["trim", "drop"] = "trim"
     group_by_modality: bool = True
+    length_group_size: int = 1
     num_workers: int = 0
     synthetic: SynthSpec = field(default_factory=SynthSpec)
 
@@ -307,6 +310,3 @@ def _list_index(items: list[Any], part: str, where: str) -> int:
         raise ConfigError(f"override {where}: no stage named {part!r}.{did_you_mean(part, [n for n in names if n])}")
     return names.index(part)
 
-
-def replace(obj: Any, **changes: Any) -> Any:
-    return dataclasses.replace(obj, **changes)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mllm_kit.presets import resolve_spec
-from mllm_kit.recipe import DataSpec, ModelSpec, Recipe
+from mllm_kit.recipe import ModelSpec, Recipe
 from mllm_kit.tiny import ENCODER_FAMILIES, LLM_FAMILIES, tiny_encoder_spec, tiny_llm_spec
 
 _ENCODER_FAMILY = {registered: family for family, registered in ENCODER_FAMILIES.items()}

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from mllm_kit import MLLM
+from mllm_kit import Batch
+from mllm_kit.hf_llava import from_hf_llava
 from mllm_kit.tiny import tiny_tokenizer
 
 
@@ -26,23 +27,7 @@ def llava_pair(tmp_path_factory):
     torch.manual_seed(0)
     llava = LlavaForConditionalGeneration(config).eval()
 
-    # Write the parts as ordinary checkpoints and load them through mllm-kit's normal loading code.
-    llava.model.vision_tower.save_pretrained(root / "vision")
-    lm = LlamaForCausalLM(text)
-    state = {f"model.{k}": v for k, v in llava.model.language_model.state_dict().items()}
-    state["lm_head.weight"] = llava.lm_head.weight
-    lm.load_state_dict(state)
-    lm.save_pretrained(root / "llm")
-    tok.save_pretrained(root / "llm")
-
-    ours = MLLM.build(
-        {"name": "hf_clip", "path": str(root / "vision"), "select_layer": -2, "select_feature": "patch"},
-        {"name": "mlp", "depth": 2, "act": "gelu"},
-        {"name": "hf_causal_lm", "path": str(root / "llm")},
-    ).eval()
-    proj = llava.model.multi_modal_projector
-    ours.connector.mlp[0].load_state_dict(proj.linear_1.state_dict())
-    ours.connector.mlp[2].load_state_dict(proj.linear_2.state_dict())
+    ours = from_hf_llava(llava, tok, root).eval()
     return llava, ours, image_token_id
 
 
@@ -56,8 +41,7 @@ def test_logits_match_transformers_llava(llava_pair):
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = llava(input_ids=ids, pixel_values=pixels).logits
-        embeds, _ = ours.embed_inputs(ids, pixels)
-        got = ours.llm(inputs_embeds=embeds).logits
+        got = ours(Batch(input_ids=ids, pixel_values=pixels, num_image_tokens=2 * n)).logits
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 

@@ -142,7 +142,7 @@ def test_pixels_show_what_the_answer_says(all_tasks: synthetic.SynthPaths) -> No
             assert len(parts) == answers_for("count").index(answer) + 1
             assert len(set(colors)) == 1
         elif task == "position":
-            (y, x), size = centres[0], rgb.shape[1]
+            (_y, x), size = centres[0], rgb.shape[1]
             assert len(parts) == 1 and (x < size / 3 if answer == "left" else x > 2 * size / 3)
         elif task == "relation":
             c1, c2 = RELATION_Q.match(r["conversations"][0]["value"].removeprefix("<image>\n")).groups()

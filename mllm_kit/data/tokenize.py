@@ -45,13 +45,15 @@ class Encoded:
 class ConversationEncoder:
     """Encodes turns with a template; each ``<image>`` becomes ``tokens_per_image`` image-token ids."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: Template, image_token_id: int, tokens_per_image: int) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: Template, image_token_id: int, tokens_per_image: int,
+                 system_prompt: str | None = None) -> None:
         if tokens_per_image <= 0:
             raise ConfigError(f"tokens_per_image must be positive, got {tokens_per_image}.")
         self.tokenizer = tokenizer
         self.template = template
         self.image_token_id = int(image_token_id)
         self.tokens_per_image = int(tokens_per_image)
+        self.system_prompt = system_prompt
         self._cache: dict[str, list[int]] = {}
 
     def _text_ids(self, text: str) -> list[int]:
@@ -83,13 +85,18 @@ class ConversationEncoder:
                     labels.extend([IGNORE_INDEX] * self.tokens_per_image)
         return Encoded(ids, labels, spans)
 
+    def _with_system(self, turns: Sequence[Turn]) -> Sequence[Turn]:
+        if self.system_prompt is None or (turns and turns[0].role == "system"):
+            return turns
+        return [Turn("system", self.system_prompt), *turns]
+
     def encode(self, turns: Sequence[Turn]) -> Encoded:
         """Training encoding: labels on assistant replies (+ stop token) only."""
-        return self.encode_segments(self.template.render(turns, self.tokenizer))
+        return self.encode_segments(self.template.render(self._with_system(turns), self.tokenizer))
 
     def encode_prompt(self, turns: Sequence[Turn]) -> Encoded:
         """Inference encoding of turns ending with a user turn, up to the assistant header."""
-        return self.encode_segments(self.template.render_prompt(turns, self.tokenizer))
+        return self.encode_segments(self.template.render_prompt(self._with_system(turns), self.tokenizer))
 
     def stop_token_ids(self) -> list[int]:
         ids = []

@@ -51,8 +51,9 @@ def resolve_source(spec: DataSpec, source: str | None, data_root: Path, key: str
     return path, Path(spec.image_root) if spec.image_root else path.parent
 
 
-def conversation_encoder(model: MLLM, template: str) -> ConversationEncoder:
-    return ConversationEncoder(model.tokenizer, get_template(template), model.image_token_id, model.tokens_per_image())
+def conversation_encoder(model: MLLM, spec: DataSpec) -> ConversationEncoder:
+    return ConversationEncoder(model.tokenizer, get_template(spec.template), model.image_token_id, model.tokens_per_image(),
+                               system_prompt=spec.system_prompt)
 
 
 def build_dataset(model: MLLM, spec: DataSpec, data_root: Path, split: str = "train", prompt: bool = False) -> LlavaDataset:
@@ -60,7 +61,7 @@ def build_dataset(model: MLLM, spec: DataSpec, data_root: Path, split: str = "tr
     transform = model.image_transform
     if spec.image_mode is not None:
         transform = dataclasses.replace(transform, mode=spec.image_mode)
-    return LlavaDataset(path, image_root, conversation_encoder(model, spec.template), transform,
+    return LlavaDataset(path, image_root, conversation_encoder(model, spec), transform,
                         max_length=spec.max_length, truncation=spec.truncation, prompt=prompt)
 
 
@@ -73,7 +74,7 @@ class StepLoader:
     """
 
     def __init__(self, dataset: LlavaDataset, collate: PadCollator, micro_batch_size: int, accumulate: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, group_by_modality: bool = True,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, group_by_modality: bool = True, group_size: int = 1,
                  num_workers: int = 0, steps_done: Callable[[], int] = lambda: 0) -> None:
         self.dataset = dataset
         self.collate = collate
@@ -83,6 +84,7 @@ class StepLoader:
         self.world = world_size
         self.seed = seed
         self.group_by_modality = group_by_modality
+        self.group_size = group_size
         self.num_workers = num_workers
         self.steps_done = steps_done
         self.lengths = dataset.modality_lengths()
@@ -100,7 +102,7 @@ class StepLoader:
         import torch
 
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = grouped_indices(self.lengths, self.micro, self.world, g, self.group_by_modality)
+        order = grouped_indices(self.lengths, self.micro, self.world, g, self.group_by_modality, self.group_size)
         mega = self.micro * self.world
         batches = [order[i + self.rank * self.micro : i + (self.rank + 1) * self.micro] for i in range(0, len(order) - mega + 1, mega)]
         return batches[: len(self)]
@@ -142,7 +144,7 @@ class MLLMDataModule(L.LightningDataModule):
         return StepLoader(
             self.dataset, PadCollator(self.model.tokenizer.pad_token_id), self.micro_batch_size, self.accumulate,
             rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1, seed=self.seed,
-            group_by_modality=self.spec.group_by_modality, num_workers=self.spec.num_workers,
+            group_by_modality=self.spec.group_by_modality, group_size=self.spec.length_group_size, num_workers=self.spec.num_workers,
             steps_done=(lambda: trainer.global_step) if trainer else (lambda: 0),
         )
 

@@ -12,9 +12,11 @@ Run directory::
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from mllm_kit.training.trainable import apply_trainable, format_table
 log = get_logger(__name__)
 # Lightning's hardware banner and tips are noise next to the stage table; warnings still show.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 STATE_FILE = "state.json"
 RECIPE_FILE = "recipe.yaml"
@@ -74,9 +77,9 @@ class RunState:
 
 def build_recipe_model(recipe: Recipe) -> MLLM:
     """The stage-0 model from the recipe's specs, with every template's control tokens in the tokenizer."""
-    llm = resolve_spec("llms", recipe.model.llm) if recipe.model.llm is not None else None
-    if llm is None:
+    if recipe.model.llm is None:
         raise ConfigError("model.llm: the recipe names no LLM; set a preset (e.g. vicuna_7b_v15) or a spec.")
+    llm = resolve_spec("llms", recipe.model.llm)
     tokens = {t for s in recipe.stages for t in get_template(s.data.template).special_tokens()}
     if tokens:
         llm = {**llm, "special_tokens": sorted(set(llm.get("special_tokens", [])) | tokens)}
@@ -107,6 +110,8 @@ def make_trainer(stage: Stage, stage_dir: Path) -> L.Trainer:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     t, o = stage.trainer, stage.optim
+    if t.strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"stage {stage.name!r}: trainer.strategy={t.strategy!r} needs DeepSpeed: pip install 'mllm-kit[deepspeed]'.")
     callbacks: list[Any] = [
         ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="step-{step}", every_n_train_steps=t.checkpoint_every_n_steps,
                         save_top_k=0, save_last=True, enable_version_counter=False),
@@ -180,6 +185,9 @@ def run_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, resume
     if prepared.trainer.is_global_zero:
         prepared.model.save_pretrained(prepared.final_dir)
         state.mark(name, status="done", final=str(prepared.final_dir.relative_to(run_dir)), steps=prepared.module.total_steps)
+    # Other ranks read the hand-off record only after rank 0 has written it.
+    prepared.trainer.strategy.barrier("stage-final")
+    state.stages = RunState.load(run_dir).stages
     return prepared.final_dir
 
 
