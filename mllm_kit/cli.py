@@ -26,13 +26,13 @@ def _load(args: argparse.Namespace):
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from mllm_kit.training.runner import fit
+    from mllm_kit.training.runner import fit, is_launching_process
 
     recipe = _load(args)
     run_dir = Path(args.run_dir or Path("runs") / (recipe.name + ("-smoke" if args.smoke else "")))
     stages = [s for s in args.stages.split(",") if s] if args.stages else None
     fit(recipe, run_dir, resume=args.resume, stages=stages)
-    if recipe.eval.data and not args.no_eval:
+    if recipe.eval.data and not args.no_eval and is_launching_process():
         return _evaluate_run(run_dir)
     return 0
 

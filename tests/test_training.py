@@ -101,6 +101,13 @@ def test_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypa
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+def _run_cli(recipe_data: dict, run_dir: Path, *extra: str, **popen) -> subprocess.CompletedProcess:
+    recipe = run_dir.parent / f"{run_dir.name}.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_data))
+    cmd = [sys.executable, "-m", "mllm_kit.cli", "fit", "--recipe", str(recipe), "--run-dir", str(run_dir), "--no-eval", *extra]
+    return subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, **popen)
+
+
 def _final_weights(run: Path) -> dict:
     final = run / "sft" / "final"
     weights = {f"connector.{k}": v for k, v in load_file(final / "connector.safetensors").items()}
@@ -120,7 +127,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_recipe
     cmd = [sys.executable, "-m", "mllm_kit.cli", "fit", "--recipe", str(recipe), "--run-dir"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    subprocess.run([*cmd, str(tmp_path / "straight")], check=True, env=env, capture_output=True)
+    _run_cli(data, tmp_path / "straight")
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen([*cmd, str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -141,3 +148,34 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_recipe
     assert a.keys() == b.keys() and a
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_train_like_one_process_with_the_same_global_batch(tmp_path, tiny_recipe):
+    """2 ranks × 1 sample × 2 accumulation steps and 1 rank × 2 samples × 2 steps see the same 4 samples per
+    optimiser step; with the loss normalised by the global token count their weights must agree."""
+    ddp = tiny_recipe(global_batch_size=4, micro_batch_size=1, max_steps=3, grad_clip=0.0)
+    ddp["trainer"].update(devices=2, strategy="ddp", accelerator="cpu")
+    single = tiny_recipe(global_batch_size=4, micro_batch_size=2, max_steps=3, grad_clip=0.0)
+    _run_cli(ddp, tmp_path / "ddp")
+    _run_cli(single, tmp_path / "single")
+    a, b = _final_weights(tmp_path / "ddp"), _final_weights(tmp_path / "single")
+    assert a.keys() == b.keys()
+    # All-reduce sums in another order; Adam turns float-noise-sized gradient differences into update
+    # differences of up to ~lr·1e-2 in a handful of elements, so the bound is on the bulk plus a loose max.
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert diffs.max() < 1e-4, diffs.max()
+    assert (diffs > 2e-6).float().mean() < 1e-3, (diffs > 2e-6).float().mean()
+    before = load_file(tmp_path / "single" / "align" / "final" / "connector.safetensors")
+    assert any(not torch.equal(before[k], a[f"connector.{k}"]) for k in before), "SFT must have moved the weights"
+
+
+def test_bf16_mixed_precision_and_activation_checkpointing_train(tmp_path, tiny_recipe):
+    data = tiny_recipe(max_steps=2)
+    data["trainer"].update(precision="bf16-mixed", activation_checkpointing=True)
+    prepared = prepare_stage(recipe_from_dict(data), 0, tmp_path, RunState.load(tmp_path))
+    before = prepared.model.connector.mlp[0].weight.detach().clone()
+    _fit(prepared)
+    assert prepared.model.llm.model.is_gradient_checkpointing
+    after = prepared.model.connector.mlp[0].weight.detach()
+    assert torch.isfinite(after).all() and not torch.equal(before, after)

@@ -407,6 +407,10 @@ def generate(out_dir: str | Path, config: SynthConfig = SynthConfig()) -> SynthP
         for split in ("align", "sft", "eval"):
             _write_json(tmp / f"{split}.json", _build_split(split, config, tmp / "images"))
         _write_json(tmp / "manifest.json", manifest)  # last: its presence marks a finished dataset
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+        if _read_manifest(root) == manifest:  # another process (e.g. another rank) finished it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+            return _paths(root)
         if root.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
             os.replace(root, old / root.name)

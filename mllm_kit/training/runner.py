@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,7 +180,8 @@ def prepare_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, re
 def run_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, resume: bool) -> Path:
     prepared = prepare_stage(recipe, index, run_dir, state, resume)
     name = prepared.stage.name
-    state.mark(name, status="running")
+    if prepared.trainer.is_global_zero:
+        state.mark(name, status="running")
     prepared.model.train()
     prepared.trainer.fit(prepared.module, datamodule=prepared.data, ckpt_path=prepared.ckpt_path)
     if prepared.trainer.is_global_zero:
@@ -191,16 +193,28 @@ def run_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, resume
     return prepared.final_dir
 
 
+def is_launching_process() -> bool:
+    """True in the process a user started (global rank 0). Lightning's DDP launcher re-runs the command for the
+    other ranks with LOCAL_RANK/NODE_RANK set; torchrun and SLURM set RANK/SLURM_PROCID."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return os.environ[key] == "0"
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
 def fit(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, stages: list[str] | None = None) -> RunState:
     """Run ``stages`` (default: all) of ``recipe`` in ``run_dir``; with ``resume``, finished stages are skipped
     and an unfinished one continues from its last checkpoint."""
     run_dir = Path(run_dir)
     state = RunState.load(run_dir)
     selected = [recipe.stage(name).name for name in stages] if stages else [s.name for s in recipe.stages]
-    if state.stages and not resume and not stages:
-        raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume to continue it or choose another --run-dir.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / RECIPE_FILE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    if is_launching_process():
+        if state.stages and not resume and not stages:
+            raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume to continue it or choose another --run-dir.")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / RECIPE_FILE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    else:  # another rank of this run: it follows rank 0's record of what has finished
+        resume = True
     for index, stage in enumerate(recipe.stages):
         if stage.name not in selected:
             continue
