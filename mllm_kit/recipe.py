@@ -17,6 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mllm_kit.data.synthetic import SynthConfig
 from mllm_kit.errors import ConfigError, did_you_mean
 from mllm_kit.presets import preset_path
 from mllm_kit.schema import to_dict, validate
@@ -27,21 +28,6 @@ class ModelSpec:
     encoder: Any = "clip_vit_l14_336"
     connector: Any = "mlp2x_gelu"
     llm: Any = None
-
-
-@dataclass
-class SynthSpec:
-    """Options of :class:`mllm_kit.data.synthetic.SynthConfig` for ``synthetic:*`` data."""
-
-    seed: int = 0
-    image_size: int = 64
-    num_align: int = 2000
-    num_sft: int = 12000
-    num_eval: int = 600
-    tasks: list[str] = field(default_factory=lambda: ["color", "shape"])
-    radius: list[int] = field(default_factory=lambda: [8, 16])
-    multi_turn: float = 0.3
-    blank_images: bool = False
 
 
 @dataclass
@@ -62,7 +48,7 @@ class DataSpec:
     group_by_modality: bool = True
     length_group_size: int = 1
     num_workers: int = 0
-    synthetic: SynthSpec = field(default_factory=SynthSpec)
+    synthetic: SynthConfig = field(default_factory=SynthConfig)
 
 
 @dataclass
@@ -111,7 +97,7 @@ class SmokeSpec:
     steps: int = 3
     global_batch_size: int = 4
     micro_batch_size: int = 2
-    synthetic: SynthSpec = field(default_factory=lambda: SynthSpec(num_align=32, num_sft=32, num_eval=16))
+    synthetic: SynthConfig = field(default_factory=lambda: SynthConfig(num_align=32, num_sft=32, num_eval=16))
 
 
 @dataclass

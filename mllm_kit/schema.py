@@ -30,7 +30,10 @@ def validate(data: Any, schema: type, path: str) -> Any:
             kwargs[name] = check_type(data[name], hints[name], _join(path, name))
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_join(path, name)}: required key is missing.")
-    return schema(**kwargs)
+    try:
+        return schema(**kwargs)
+    except ConfigError as err:  # a dataclass that checks its own values (e.g. SynthConfig)
+        raise ConfigError(f"{path or 'recipe'}: {err}") from None
 
 
 def check_type(value: Any, hint: Any, path: str) -> Any:
@@ -49,6 +52,11 @@ def check_type(value: Any, hint: Any, path: str) -> Any:
         raise ConfigError(f"{path}: expected {_name(hint)}, got {value!r}.")
     if dataclasses.is_dataclass(hint):
         return validate(value, hint, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}.")
+        item = args[0] if args else Any
+        return tuple(check_type(v, item, f"{path}[{i}]") for i, v in enumerate(value))
     if origin is list or hint is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}.")

@@ -51,6 +51,8 @@ def test_zoo_recipes_load():
         (lambda r: r["stages"][0].pop("trainable"), r"stages\[0\]\.trainable: required key is missing"),
         (lambda r: r["data"].update(truncation="cut"), r"data\.truncation: expected one of \['trim', 'drop'\]"),
         (lambda r: r["stages"][1].update(name="align"), r"stage names must be unique"),
+        (lambda r: r["data"]["synthetic"].update(taskz=["color"]), r"data\.synthetic\.taskz: unknown key\. Did you mean 'tasks'"),
+        (lambda r: r["data"]["synthetic"].update(radius=[8, 40]), r"data\.synthetic: .*radius"),
     ],
 )
 def test_recipe_errors_name_the_key_path(mutate, message, tiny_recipe):

@@ -16,21 +16,14 @@ from mllm_kit.batch import Batch
 from mllm_kit.data.collate import PadCollator
 from mllm_kit.data.dataset import LlavaDataset
 from mllm_kit.data.sampler import grouped_indices
-from mllm_kit.data.synthetic import SynthConfig, generate
+from mllm_kit.data.synthetic import generate
 from mllm_kit.data.templates import get_template
 from mllm_kit.data.tokenize import ConversationEncoder
 from mllm_kit.errors import ConfigError
 from mllm_kit.model import MLLM
-from mllm_kit.recipe import DataSpec, SynthSpec
+from mllm_kit.recipe import DataSpec
 
 SYNTHETIC = "synthetic:"
-
-
-def synth_config(spec: SynthSpec) -> SynthConfig:
-    values = asdict(spec)
-    values["tasks"] = tuple(values["tasks"])
-    values["radius"] = tuple(values["radius"])
-    return SynthConfig(**values)
 
 
 def resolve_source(spec: DataSpec, source: str | None, data_root: Path, key: str) -> tuple[Path, Path]:
@@ -41,9 +34,8 @@ def resolve_source(spec: DataSpec, source: str | None, data_root: Path, key: str
         split = source[len(SYNTHETIC) :]
         if split not in ("align", "sft", "eval"):
             raise ConfigError(f"data.{key}: {source!r} — the synthetic splits are synthetic:align, synthetic:sft, synthetic:eval.")
-        config = synth_config(spec.synthetic)
         digest = hashlib.sha1(json.dumps(asdict(spec.synthetic), sort_keys=True).encode()).hexdigest()[:10]
-        paths = generate(data_root / f"synthetic-{digest}", config)
+        paths = generate(data_root / f"synthetic-{digest}", spec.synthetic)
         return getattr(paths, split), paths.image_root
     path = Path(source)
     if not path.is_file():
