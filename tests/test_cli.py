@@ -61,3 +61,15 @@ def test_data_inspect_marks_supervised_spans(tmp_path, capsys):
 def test_bad_recipe_key_is_a_clean_error(tmp_path, capsys):
     assert main(["fit", "--recipe", "quickstart", "--run-dir", str(tmp_path), "optim.lrr=1"]) == 2
     assert "optim.lrr: unknown key. Did you mean 'lr'?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["cumo"])
+def test_zoo_recipe_runs_with_smoke(recipe, tmp_path):
+    assert main(["fit", "--recipe", recipe, "--smoke", "--run-dir", str(tmp_path), "trainer.progress=false", "--no-eval"]) == 0
+    state = json.loads((tmp_path / "state.json").read_text())["stages"]
+    assert all(s["status"] == "done" for s in state.values()) and len(state) >= 2
+    spec = json.loads((tmp_path / list(state)[-1] / "final" / "mllm.json").read_text())
+    if recipe == "cumo":
+        assert spec["connector"]["name"] == "moe_mlp"
+        header = (tmp_path / "sft" / "logs" / "metrics.csv").read_text().splitlines()[0]
+        assert "train/moe_balance" in header and "train/moe_z" in header

@@ -39,6 +39,10 @@ def test_zoo_recipes_load():
     assert (sft.optim.lr, sft.optim.global_batch_size, sft.data.template) == (2e-5, 128, "vicuna_v1")
     assert sft.optim.warmup_ratio == 0.03 and sft.optim.weight_decay == 0.0 and sft.optim.schedule == "cosine"
     assert sft.trainable == ["connector", "llm"] and align.trainable == ["connector"]
+    cumo = load_recipe("cumo")
+    assert [s.optim.lr for s in cumo.stages] == [1e-3, 2e-6, 4e-6]
+    assert cumo.stage("sft").transforms == [{"name": "upcycle", "num_experts": 4, "top_k": 2}]
+    assert cumo.stage("sft").aux_loss_coef == {"moe_balance": 0.1, "moe_z": 0.01}
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,144 @@
+"""CuMo's MLP-MoE connector and the ``upcycle`` transform (specs/components.md §6.5).
+
+E experts, each an ``mlp{depth}x_gelu`` (C→D→D); a router Linear(C→E, no bias); per-token softmax, top-k,
+weights renormalised to sum to 1; output Σ_k w_k · Expert_k(x). Auxiliary losses (reported through
+``aux_losses``, weighted by the recipe's ``aux_loss_coef``; CuMo uses 0.1 and 0.01):
+
+* ``moe_balance``: E · Σ_e f_e · P_e, f_e = fraction of tokens whose top-1 expert is e, P_e = mean router prob;
+* ``moe_z``: mean over tokens of logsumexp(router logits)².
+
+Experts are stored as stacked weights ``[E, in, out]`` so dispatch is one gather, a batched matmul per
+layer over all experts, and one scatter — no Python loop over tokens or experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mllm_kit.connectors.base import Connector, ConnectorOutput
+from mllm_kit.connectors.mlp import ACTIVATIONS, MLPConnector, _single_width
+from mllm_kit.encoders.base import VisualFeatures
+from mllm_kit.errors import ConfigError
+from mllm_kit.registry import register_connector, register_transform
+
+
+class StackedMLP(nn.Module):
+    """E independent MLPs Linear(C→D), then (depth−1) × [act, Linear(D→D)], applied to per-expert row blocks.
+
+    ``forward(x [E, R, C]) -> [E, R, D]``.
+    """
+
+    def __init__(self, num_experts: int, in_dim: int, out_dim: int, depth: int, act: str) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ConfigError(f"moe_mlp depth must be ≥ 1, got {depth}.")
+        dims = [in_dim] + [out_dim] * depth
+        self.weights = nn.ParameterList(nn.Parameter(torch.empty(num_experts, a, b)) for a, b in zip(dims[:-1], dims[1:]))
+        self.biases = nn.ParameterList(nn.Parameter(torch.empty(num_experts, b)) for b in dims[1:])
+        self.act = ACTIVATIONS[act]()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Same distribution as nn.Linear's default init, expert by expert.
+        for w, b in zip(self.weights, self.biases):
+            bound = w.shape[1] ** -0.5
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if i:
+                x = self.act(x)
+            x = torch.baddbmm(b.unsqueeze(1), x, w)
+        return x
+
+    def load_linear_stack(self, linears: Sequence[nn.Linear]) -> None:
+        """Copy a dense MLP's Linear layers into every expert (exactly)."""
+        if len(linears) != len(self.weights):
+            raise ConfigError(f"cannot upcycle an MLP of depth {len(linears)} into experts of depth {len(self.weights)}.")
+        with torch.no_grad():
+            for w, b, linear in zip(self.weights, self.biases, linears):
+                w.copy_(linear.weight.t().unsqueeze(0).expand_as(w))
+                b.copy_(linear.bias.unsqueeze(0).expand_as(b))
+
+
+@register_connector("moe_mlp")
+class MoEMLPConnector(Connector):
+    """Sparse mixture of MLP connectors routed per token (CuMo, specs/components.md §6.5).
+
+    ``[n_img, N, C]`` → ``[n_img, N, D]``; ``num_experts`` (4) experts, ``top_k`` (2) per token.
+    """
+
+    def __init__(self, in_dims: Sequence[int], out_dim: int, num_experts: int = 4, top_k: int = 2, depth: int = 2, act: str = "gelu") -> None:
+        super().__init__(in_dims, out_dim)
+        if not 1 <= top_k <= num_experts:
+            raise ConfigError(f"moe_mlp needs 1 ≤ top_k ≤ num_experts, got top_k={top_k}, num_experts={num_experts}.")
+        if act not in ACTIVATIONS:
+            raise ConfigError(f"moe_mlp act {act!r} is not one of {sorted(ACTIVATIONS)}.")
+        width = _single_width(self.in_dims, "moe_mlp")
+        self.num_experts, self.top_k, self.depth = num_experts, top_k, depth
+        self.router = nn.Linear(width, num_experts, bias=False)
+        self.experts = StackedMLP(num_experts, width, out_dim, depth, act)
+
+    def forward(self, features: Sequence[VisualFeatures], text_context: torch.Tensor | None = None) -> ConnectorOutput:
+        x = features[0].selected
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])  # [T, C]
+        logits = self.router(tokens).float()  # routing in fp32, as CuMo/DeepSpeed
+        probs = logits.softmax(dim=-1)
+        gates, experts = probs.topk(self.top_k, dim=-1)  # [T, k]
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+        out = self._dispatch(tokens, experts, gates.to(tokens.dtype))
+        aux = {"moe_balance": balance_loss(probs, experts[:, 0], self.num_experts), "moe_z": z_loss(logits)}
+        return ConnectorOutput(tokens=out.reshape(*shape[:-1], self.out_dim), aux_losses=aux)
+
+    def _dispatch(self, tokens: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Group the T·k (token, expert) pairs by expert into ``[E, capacity, C]``, run every expert at once,
+        scatter back and mix with the gates. One host sync (the largest expert load) sizes the buffer."""
+        t, k = experts.shape
+        slot_expert = experts.reshape(-1)  # [T·k]
+        one_hot = torch.nn.functional.one_hot(slot_expert, self.num_experts)  # [T·k, E]
+        slot_pos = ((one_hot.cumsum(dim=0) - 1) * one_hot).sum(dim=-1)  # position of each pair within its expert
+        capacity = int(one_hot.sum(dim=0).max())
+        buffer = tokens.new_zeros(self.num_experts, capacity, tokens.shape[-1])
+        slot_token = torch.arange(t, device=tokens.device).repeat_interleave(k)
+        buffer[slot_expert, slot_pos] = tokens[slot_token]
+        outputs = self.experts(buffer)[slot_expert, slot_pos]  # [T·k, D]
+        return (outputs.view(t, k, -1) * gates.unsqueeze(-1)).sum(dim=1)
+
+
+def balance_loss(probs: torch.Tensor, top1: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """E · Σ_e f_e · P_e with f_e the top-1 assignment fraction and P_e the mean router probability."""
+    f = torch.bincount(top1, minlength=num_experts).to(probs.dtype) / top1.numel()
+    return num_experts * (f * probs.mean(dim=0)).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of logsumexp(router logits)²."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+@register_transform("upcycle")
+class UpcycleConnector:
+    """Replace a trained ``mlp`` connector by a ``moe_mlp`` whose experts are exact copies of it and whose
+    router is freshly initialised (CuMo's co-upcycling, specs/components.md §6.5). Right after the
+    transform the connector's output equals the dense MLP's: identical experts, gates that sum to 1."""
+
+    def __init__(self, num_experts: int = 4, top_k: int = 2) -> None:
+        self.num_experts, self.top_k = num_experts, top_k
+
+    def __call__(self, model) -> None:
+        dense = model.connector
+        if not isinstance(dense, MLPConnector):
+            raise ConfigError(f"upcycle needs an 'mlp' connector, found {type(dense).__name__}.")
+        linears = [m for m in dense.mlp if isinstance(m, nn.Linear)]
+        act = next((name for name, cls in ACTIVATIONS.items() if any(isinstance(m, cls) for m in dense.mlp)), "gelu")
+        spec = {"name": "moe_mlp", "num_experts": self.num_experts, "top_k": self.top_k, "depth": len(linears), "act": act}
+        moe = MoEMLPConnector(dense.in_dims, dense.out_dim, num_experts=self.num_experts, top_k=self.top_k, depth=len(linears), act=act)
+        moe.experts.load_linear_stack(linears)
+        moe.to(device=linears[0].weight.device, dtype=linears[0].weight.dtype)
+        moe.build_spec = spec
+        model.connector = moe
