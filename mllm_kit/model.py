@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -54,7 +55,12 @@ class MLLM(nn.Module):
         ``{"name": registered_name, **options}`` or ``{"_target_": "pkg.mod.Class", **options}``."""
         enc = ENCODERS.build(resolve_spec("encoders", encoder))
         lm = LLMS.build(resolve_spec("llms", llm))
-        conn = CONNECTORS.build(resolve_spec("connectors", connector), in_dims=[enc.embed_dim], out_dim=lm.hidden_size)
+        conn_spec = resolve_spec("connectors", connector)
+        supplied: dict[str, Any] = {"in_dims": [enc.embed_dim], "out_dim": lm.hidden_size}
+        # Connectors whose parameters depend on the patch grid (position embeddings) declare a ``grid`` argument.
+        if "grid" in inspect.signature(CONNECTORS.resolve(conn_spec)[0]).parameters:
+            supplied["grid"] = enc.grid
+        conn = CONNECTORS.build(conn_spec, **supplied)
         return cls(enc, conn, lm)
 
     # -- saving and loading ----------------------------------------------------------------------

@@ -60,6 +60,7 @@ class OptimSpec:
     eps: float = 1e-8
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = 0.03
+    warmup_steps: int | None = None
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     global_batch_size: int = 128
@@ -180,8 +181,9 @@ def find_recipe(path_or_name: str) -> Path:
     return preset_path("recipes", path.stem)
 
 
-def load_recipe(path_or_name: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Load, apply ``key=value`` overrides, resolve interpolations and validate."""
+def read_recipe(path_or_name: str, seen: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
+    """The raw recipe mapping; ``base: other_recipe`` merges this file over another (mappings merge, lists and
+    values replace), so a zoo entry that differs from a published recipe in one component stays one line."""
     path = find_recipe(path_or_name)
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
@@ -189,6 +191,18 @@ def load_recipe(path_or_name: str, overrides: list[str] | tuple[str, ...] = ()) 
         raise ConfigError(f"{path}: cannot parse recipe: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping.")
+    base = raw.pop("base", None)
+    if base is None:
+        return path, raw
+    if str(base) in seen:
+        raise ConfigError(f"{path}: base recipes form a cycle: {' → '.join((*seen, str(base)))}.")
+    _, parent = read_recipe(str(base), (*seen, str(base)))
+    return path, _deep_merge(parent, raw)
+
+
+def load_recipe(path_or_name: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load, apply ``key=value`` overrides, resolve interpolations and validate."""
+    path, raw = read_recipe(path_or_name, (Path(path_or_name).stem,))
     for override in overrides:
         apply_override(raw, override)
     try:

@@ -63,12 +63,16 @@ def test_bad_recipe_key_is_a_clean_error(tmp_path, capsys):
     assert "optim.lrr: unknown key. Did you mean 'lr'?" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("recipe", ["cumo"])
+@pytest.mark.parametrize("recipe", ["cumo", "dense_connector", "honeybee"])
 def test_zoo_recipe_runs_with_smoke(recipe, tmp_path):
     assert main(["fit", "--recipe", recipe, "--smoke", "--run-dir", str(tmp_path), "trainer.progress=false", "--no-eval"]) == 0
     state = json.loads((tmp_path / "state.json").read_text())["stages"]
     assert all(s["status"] == "done" for s in state.values()) and len(state) >= 2
     spec = json.loads((tmp_path / list(state)[-1] / "final" / "mllm.json").read_text())
+    if recipe == "dense_connector":
+        assert spec["connector"]["name"] == "dense" and spec["connector"]["mode"] == "dci"
+    if recipe == "honeybee":
+        assert spec["connector"]["name"] == "c_abstractor" and spec["encoder"]["select_layer"] == -1
     if recipe == "cumo":
         assert spec["connector"]["name"] == "moe_mlp"
         header = (tmp_path / "sft" / "logs" / "metrics.csv").read_text().splitlines()[0]

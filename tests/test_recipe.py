@@ -39,6 +39,13 @@ def test_zoo_recipes_load():
     assert (sft.optim.lr, sft.optim.global_batch_size, sft.data.template) == (2e-5, 128, "vicuna_v1")
     assert sft.optim.warmup_ratio == 0.03 and sft.optim.weight_decay == 0.0 and sft.optim.schedule == "cosine"
     assert sft.trainable == ["connector", "llm"] and align.trainable == ["connector"]
+    dense = load_recipe("dense_connector")
+    assert dense.model.connector == "dense_dci" and dense.model.encoder == "clip_vit_l14_336"
+    assert [(s.name, s.optim.lr, s.optim.global_batch_size) for s in dense.stages] == [("align", 1e-3, 256), ("sft", 2e-5, 128)]
+    honeybee = load_recipe("honeybee")
+    pre, ft = honeybee.stages
+    assert (pre.optim.lr, pre.optim.warmup_steps, pre.optim.max_steps, pre.optim.weight_decay) == (1e-4, 2000, 50000, 0.01)
+    assert (ft.optim.lr, ft.optim.global_batch_size, ft.optim.warmup_steps, ft.optim.max_steps) == (2e-5, 128, 150, 4000)
     cumo = load_recipe("cumo")
     assert [s.optim.lr for s in cumo.stages] == [1e-3, 2e-6, 4e-6]
     assert cumo.stage("sft").transforms == [{"name": "upcycle", "num_experts": 4, "top_k": 2}]
@@ -97,3 +104,17 @@ def test_trainable_pattern_that_matches_nothing(tmp_path, tiny_recipe):
 def test_bad_override_stage_name(tmp_path, tiny_recipe):
     with pytest.raises(ConfigError, match="no stage named 'sfft'. Did you mean 'sft'"):
         load_recipe(str(_write(tmp_path, tiny_recipe())), ["stages.sfft.optim.lr=1"])
+
+
+def test_base_recipe_merges_and_cycles_are_errors(tmp_path, tiny_recipe):
+    _write(tmp_path, tiny_recipe())
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"base": str(tmp_path / "r.yaml"), "name": "child", "optim": {"lr": 5e-4}}))
+    recipe = load_recipe(str(child))
+    assert recipe.name == "child" and [s.name for s in recipe.stages] == ["align", "sft"]
+    assert recipe.stage("sft").optim.lr == 5e-4 and recipe.stage("sft").optim.global_batch_size == 4
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump({"base": str(b), "name": "a"}))
+    b.write_text(yaml.safe_dump({"base": str(a), "name": "b"}))
+    with pytest.raises(ConfigError, match="base recipes form a cycle"):
+        load_recipe(str(a))

@@ -43,7 +43,7 @@ def build_optimizer(model: nn.Module, spec: OptimSpec) -> torch.optim.Optimizer:
 
 def lr_lambda(spec: OptimSpec, total_steps: int):
     """Multiplier of each group's base lr at optimiser step ``step`` (linear warmup, then the schedule)."""
-    warmup = math.ceil(spec.warmup_ratio * total_steps)
+    warmup = spec.warmup_steps if spec.warmup_steps is not None else math.ceil(spec.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
         if step < warmup:
