@@ -9,27 +9,12 @@ all tokens (what a naive implementation costs). Target: top-2 of 4 ≤ 0.65× th
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_ms
 
 from mllm_kit.connectors.moe import MoEMLPConnector
 from mllm_kit.encoders.base import VisualFeatures
-
-
-def timed(fn, steps: int, warmup: int, device: str) -> float:
-    times = []
-    for i in range(steps + warmup):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def main() -> None:
@@ -58,8 +43,8 @@ def main() -> None:
         every = moe.experts(tokens.unsqueeze(0).expand(args.experts, -1, -1))  # [E, T, D]
         (every * probs.t().unsqueeze(-1)).sum(0).sum().backward()
 
-    t_routed = timed(routed, args.steps, args.warmup, args.device)
-    t_dense = timed(dense, args.steps, args.warmup, args.device)
+    t_routed = median_ms(routed, args.steps, args.warmup, args.device)
+    t_dense = median_ms(dense, args.steps, args.warmup, args.device)
     print(f"{args.tokens} tokens, {args.in_dim}→{args.out_dim}, top-{args.top_k} of {args.experts} ({args.device}): "
           f"routed {t_routed:.1f} ms, all experts {t_dense:.1f} ms, ratio {t_routed / t_dense:.3f}")
 

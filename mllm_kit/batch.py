@@ -23,6 +23,8 @@ class Batch:
     ``num_loss_tokens``: supervised targets after the causal shift (host count); ``window_loss_tokens``: the
     same summed over the micro-batches of this optimiser step on this rank. ``loss_normalizer`` is set by the
     trainer: the global batch's supervised-token count, rescaled for accumulation and data parallelism.
+    ``crop_pixel_values`` ``[Σ crops, 3, H, W]`` / ``crop_grids`` (one ``(rows, cols)`` per image): the
+    high-resolution view, for connectors that read one (DeepStack).
     """
 
     input_ids: torch.Tensor
@@ -37,6 +39,8 @@ class Batch:
     num_loss_tokens: int | None = None
     window_loss_tokens: int | None = None
     loss_normalizer: float | None = None
+    crop_pixel_values: torch.Tensor | None = None
+    crop_grids: list[tuple[int, int]] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {
@@ -52,3 +56,38 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
+
+
+def keep_image_prefix(batch: Batch, image_token_id: int, tokens_per_image: int, keep: int, pad_token_id: int) -> Batch:
+    """Shorten every image span from ``tokens_per_image`` to its first ``keep`` positions.
+
+    For connectors that can emit fewer tokens than the data pipeline expanded (Matryoshka scales): the
+    other positions are removed and the rows re-padded on the right, so text, labels and attention keep
+    their order. Image positions carry no labels, so the supervised targets are unchanged. Needs right
+    padding and no packing. The new length is found from host counts, without a device sync.
+    """
+    if keep == tokens_per_image:
+        return batch
+    if not 0 < keep < tokens_per_image:
+        raise ValueError(f"keep must be in 1..{tokens_per_image}, got {keep}.")
+    if batch.position_ids is not None:
+        raise ValueError("keep_image_prefix does not support packed batches (position_ids set).")
+    ids = batch.input_ids
+    is_image = ids == image_token_id
+    index_in_span = (is_image.cumsum(1) - 1) % tokens_per_image
+    kept = ~is_image | (index_in_span < keep)
+    removed = [n * (tokens_per_image - keep) for n in batch.images_per_sample]
+    length = ids.shape[1] - min(removed, default=0)
+    order = torch.argsort((~kept).to(torch.uint8), dim=1, stable=True)[:, :length]  # kept positions first, in order
+    valid = torch.arange(length, device=ids.device) < kept.sum(1, keepdim=True)
+
+    def take(t: torch.Tensor | None, fill: int) -> torch.Tensor | None:
+        return None if t is None else torch.where(valid, t.gather(1, order), fill)
+
+    return replace(
+        batch,
+        input_ids=take(ids, pad_token_id),
+        labels=take(batch.labels, IGNORE_INDEX),
+        attention_mask=take(batch.attention_mask, 0),
+        num_image_tokens=sum(batch.images_per_sample) * keep,
+    )

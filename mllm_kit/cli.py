@@ -37,7 +37,7 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_run(run_dir: Path) -> int:
+def _evaluate_run(run_dir: Path, overrides: list[str] = ()) -> int:
     import yaml
 
     from mllm_kit.evaluate import evaluate
@@ -54,16 +54,33 @@ def _evaluate_run(run_dir: Path) -> int:
 
         raise ConfigError(f"{run_dir}: no finished stage to evaluate.")
     stage = done[-1]
-    model = MLLM.from_pretrained(state.final_dir(stage.name))
+    connector = _connector_overrides(overrides)
+    model = MLLM.from_pretrained(state.final_dir(stage.name), connector=connector)
     result = evaluate(model, stage.data, recipe.eval, run_dir / "data")
-    atomic_write_json(run_dir / "eval.json", {"stage": stage.name, "accuracy": result.accuracy, "num_samples": result.num_samples,
-                                              "per_task": result.per_task})
-    _console().print(f"[bold]{run_dir.name}[/] (stage {stage.name}): {result.summary()}")
+    name = "eval.json" if not overrides else "eval-" + "-".join(sorted(overrides)) + ".json"
+    atomic_write_json(run_dir / name, {"stage": stage.name, "accuracy": result.accuracy, "num_samples": result.num_samples,
+                                       "per_task": result.per_task, "overrides": connector})
+    suffix = f" with {', '.join(sorted(overrides))}" if overrides else ""
+    _console().print(f"[bold]{run_dir.name}[/] (stage {stage.name}{suffix}): {result.summary()}")
     return 0
 
 
+def _connector_overrides(overrides: list[str]) -> dict[str, object]:
+    import yaml
+
+    from mllm_kit.errors import ConfigError
+
+    options: dict[str, object] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("connector.") or len(key) == len("connector."):
+            raise ConfigError(f"eval override {item!r}: expected connector.KEY=VALUE (e.g. connector.scale=36).")
+        options[key.removeprefix("connector.")] = yaml.safe_load(value)
+    return options
+
+
 def _eval(args: argparse.Namespace) -> int:
-    return _evaluate_run(Path(args.run))
+    return _evaluate_run(Path(args.run), args.overrides)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -151,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="held-out accuracy of a run's last finished stage")
     p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("overrides", nargs="*", metavar="connector.KEY=VALUE",
+                   help="connector options to change for this evaluation, e.g. connector.scale=36 (Matryoshka)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("report", help="plot loss and learning-rate curves of every stage to a PNG")

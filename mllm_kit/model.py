@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,15 +14,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mllm_kit.batch import Batch
-from mllm_kit.connectors.base import Connector, ConnectorOutput
+from mllm_kit.connectors.base import Connector, ConnectorOutput, build_connector
 from mllm_kit.encoders.base import VisionEncoder
-from mllm_kit.encoders.image_transform import ImageTransform
+from mllm_kit.encoders.image_transform import CropGridTransform, ImageTransform
 from mllm_kit.errors import ConfigError, MllmKitError
 from mllm_kit.io import atomic_dir
 from mllm_kit.llm.base import LanguageModel
 from mllm_kit.presets import resolve_spec
-from mllm_kit.registry import CONNECTORS, ENCODERS, LLMS
-
+from mllm_kit.registry import ENCODERS, LLMS
 
 MLLM_CONFIG = "mllm.json"
 
@@ -55,12 +54,7 @@ class MLLM(nn.Module):
         ``{"name": registered_name, **options}`` or ``{"_target_": "pkg.mod.Class", **options}``."""
         enc = ENCODERS.build(resolve_spec("encoders", encoder))
         lm = LLMS.build(resolve_spec("llms", llm))
-        conn_spec = resolve_spec("connectors", connector)
-        supplied: dict[str, Any] = {"in_dims": [enc.embed_dim], "out_dim": lm.hidden_size}
-        # Connectors whose parameters depend on the patch grid (position embeddings) declare a ``grid`` argument.
-        if "grid" in inspect.signature(CONNECTORS.resolve(conn_spec)[0]).parameters:
-            supplied["grid"] = enc.grid
-        conn = CONNECTORS.build(conn_spec, **supplied)
+        conn = build_connector(connector, [enc.embed_dim], lm.hidden_size, enc.grid)
         return cls(enc, conn, lm)
 
     # -- saving and loading ----------------------------------------------------------------------
@@ -84,8 +78,9 @@ class MLLM(nn.Module):
         return Path(directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> MLLM:
-        """Load what :meth:`save_pretrained` wrote."""
+    def from_pretrained(cls, directory: str | Path, connector: Mapping[str, Any] | None = None) -> MLLM:
+        """Load what :meth:`save_pretrained` wrote. ``connector`` changes connector options that hold no
+        weights (e.g. a Matryoshka model's inference ``scale``)."""
         directory = Path(directory)
         config_file = directory / MLLM_CONFIG
         if not config_file.is_file():
@@ -93,11 +88,12 @@ class MLLM(nn.Module):
         meta = json.loads(config_file.read_text())
         specs = {}
         for part in ("encoder", "connector", "llm"):
-            spec = {k: v for k, v in meta[part].items() if v is not None}
-            if part != "connector":
+            spec = dict(meta[part])
+            if part != "connector":  # None marks a build option the saved directory replaces (config, tokenizer)
+                spec = {k: v for k, v in spec.items() if v is not None}
                 spec["path"] = str(directory / spec["path"])
             specs[part] = spec
-        model = cls.build(specs["encoder"], specs["connector"], specs["llm"])
+        model = cls.build(specs["encoder"], {**specs["connector"], **(connector or {})}, specs["llm"])
         model.connector.load_state_dict(load_file(str(directory / "connector.safetensors")))
         return model
 
@@ -107,8 +103,18 @@ class MLLM(nn.Module):
         return self.connector.num_tokens(self.encoder.num_tokens, self.encoder.grid)
 
     @property
-    def image_transform(self) -> ImageTransform:
-        return self.encoder.image_transform
+    def image_transform(self) -> ImageTransform | CropGridTransform:
+        return self.make_image_transform()
+
+    def make_image_transform(self, mode: str | None = None) -> ImageTransform | CropGridTransform:
+        """The encoder's transform (``mode`` overrides its resize mode), with the high-resolution crops the
+        connector reads when it reads any."""
+        transform = self.encoder.image_transform
+        if mode is not None:
+            transform = dataclasses.replace(transform, mode=mode)
+        if self.connector.num_crops:
+            return CropGridTransform(transform, self.connector.num_crops)
+        return transform
 
     @property
     def tokenizer(self):
@@ -119,9 +125,19 @@ class MLLM(nn.Module):
         return self.llm.image_token_id
 
     # -- forward ------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor, text_context: torch.Tensor | None = None) -> ConnectorOutput:
-        """``[n_img, 3, H, W]`` → connector output with ``tokens [n_img, N, D]``."""
-        features = self.encoder(pixel_values)
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor,
+        text_context: torch.Tensor | None = None,
+        crop_pixel_values: torch.Tensor | None = None,
+        crop_grids: list[tuple[int, int]] | None = None,
+    ) -> ConnectorOutput:
+        """``[n_img, 3, H, W]`` (and optional high-resolution crops) → connector output with ``tokens [n_img, N, D]``."""
+        if crop_pixel_values is None:
+            return self.connector([self.encoder(pixel_values)], text_context=text_context)
+        if not self.connector.num_crops:
+            raise ConfigError(f"the batch carries high-resolution crops but connector {type(self.connector).__name__} reads none.")
+        features = self.connector.encode_views(self.encoder, pixel_values, crop_pixel_values, list(crop_grids or []))
         return self.connector([features], text_context=text_context)
 
     def embed_inputs(
@@ -129,16 +145,22 @@ class MLLM(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
         num_image_tokens: int | None = None,
+        crop_pixel_values: torch.Tensor | None = None,
+        crop_grids: list[tuple[int, int]] | None = None,
     ) -> tuple[torch.Tensor, ConnectorOutput | None]:
-        """Input embeddings ``[B, T, D]`` with visual tokens at image positions."""
+        """Input embeddings ``[B, T, D]`` with visual tokens at image positions.
+
+        When the connector returns ``injections`` (DeepStack), they are armed on the LLM for the next forward.
+        """
         embeds = self.llm.embed(input_ids)
+        self.llm.injector.clear()
         if pixel_values is None or pixel_values.shape[0] == 0:
             if num_image_tokens:
                 raise ImageTokenMismatch(f"batch has {num_image_tokens} image-token positions but no images.")
             if self.training:
                 embeds = embeds + 0.0 * self._dummy_visual_sum(embeds)
             return embeds, None
-        out = self.encode_images(pixel_values)
+        out = self.encode_images(pixel_values, crop_pixel_values=crop_pixel_values, crop_grids=crop_grids)
         tokens = out.tokens
         mask = input_ids == self.image_token_id
         positions = num_image_tokens if num_image_tokens is not None else int(mask.sum())
@@ -150,6 +172,8 @@ class MLLM(nn.Module):
                 f"{self.tokens_per_image()} ids in the data pipeline, and never truncate inside an image span."
             )
         embeds = embeds.masked_scatter(mask.unsqueeze(-1), tokens.to(embeds.dtype))
+        if out.injections:
+            self.llm.injector.arm(out.injections, mask, positions)
         return embeds, out
 
     def _dummy_visual_sum(self, like: torch.Tensor) -> torch.Tensor:
@@ -160,7 +184,8 @@ class MLLM(nn.Module):
         return self.encode_images(dummy).tokens.sum().to(like.dtype)
 
     def forward(self, batch: Batch, output_hidden_states: bool = False) -> MLLMOutput:
-        embeds, visual = self.embed_inputs(batch.input_ids, batch.pixel_values, batch.num_image_tokens)
+        embeds, visual = self.embed_inputs(batch.input_ids, batch.pixel_values, batch.num_image_tokens,
+                                           batch.crop_pixel_values, batch.crop_grids)
         out = self.llm(
             inputs_embeds=embeds,
             attention_mask=batch.attention_mask,
@@ -179,20 +204,29 @@ class MLLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         max_new_tokens: int = 32,
         stop_token_ids: list[int] | None = None,
+        crop_pixel_values: torch.Tensor | None = None,
+        crop_grids: list[tuple[int, int]] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Greedy (by default) generation with a KV cache; prompts must be left-padded. Returns ``[B, new]`` ids."""
+        """Greedy (by default) generation with a KV cache; prompts must be left-padded. Returns ``[B, new]`` ids.
+
+        Injections (DeepStack) apply to the prefill pass only; decode steps reuse the cached keys and values.
+        """
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
             raise ConfigError("generate() needs left-padded prompts (collate with padding_side='left').")
-        embeds, _ = self.embed_inputs(input_ids, pixel_values)
+        embeds, _ = self.embed_inputs(input_ids, pixel_values, crop_pixel_values=crop_pixel_values, crop_grids=crop_grids)
         tok = self.llm.tokenizer
         eos = stop_token_ids or [tok.eos_token_id]
         kwargs.setdefault("do_sample", False)
-        return self.llm.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=tok.pad_token_id,
-            **kwargs,
-        )
+        self.llm.injector.once = True
+        try:
+            return self.llm.model.generate(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=tok.pad_token_id,
+                **kwargs,
+            )
+        finally:
+            self.llm.injector.clear()

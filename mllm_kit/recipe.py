@@ -99,6 +99,9 @@ class SmokeSpec:
     global_batch_size: int = 4
     micro_batch_size: int = 2
     synthetic: SynthConfig = field(default_factory=lambda: SynthConfig(num_align=32, num_sft=32, num_eval=16))
+    # connector options that must change to fit the tiny models (e.g. Matryoshka scales for a 4×4 grid)
+    connector: dict[str, Any] = field(default_factory=dict)
+    llm_layers: int = 2
 
 
 @dataclass

@@ -32,16 +32,16 @@ def llm_family(spec: dict[str, Any]) -> str:
     return family if family in LLM_FAMILIES else "llama"
 
 
-def tiny_llm_like(spec: dict[str, Any]) -> dict[str, Any]:
-    return {**{k: v for k, v in spec.items() if k not in _LLM_SOURCE_KEYS}, **tiny_llm_spec(llm_family(spec))}
+def tiny_llm_like(spec: dict[str, Any], num_layers: int = 2) -> dict[str, Any]:
+    return {**{k: v for k, v in spec.items() if k not in _LLM_SOURCE_KEYS}, **tiny_llm_spec(llm_family(spec), num_layers=num_layers)}
 
 
 def smoke_recipe(recipe: Recipe) -> Recipe:
     smoke = recipe.smoke
     model = ModelSpec(
         encoder=tiny_encoder_like(resolve_spec("encoders", recipe.model.encoder)),
-        connector=recipe.model.connector,
-        llm=tiny_llm_like(resolve_spec("llms", recipe.model.llm)),
+        connector={**resolve_spec("connectors", recipe.model.connector), **smoke.connector} if smoke.connector else recipe.model.connector,
+        llm=tiny_llm_like(resolve_spec("llms", recipe.model.llm), smoke.llm_layers),
     )
     stages = []
     for stage in recipe.stages:

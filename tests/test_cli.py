@@ -63,7 +63,7 @@ def test_bad_recipe_key_is_a_clean_error(tmp_path, capsys):
     assert "optim.lrr: unknown key. Did you mean 'lr'?" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("recipe", ["cumo", "dense_connector", "honeybee"])
+@pytest.mark.parametrize("recipe", ["cumo", "dense_connector", "honeybee", "blip2_qformer", "deepstack", "matryoshka"])
 def test_zoo_recipe_runs_with_smoke(recipe, tmp_path):
     assert main(["fit", "--recipe", recipe, "--smoke", "--run-dir", str(tmp_path), "trainer.progress=false", "--no-eval"]) == 0
     state = json.loads((tmp_path / "state.json").read_text())["stages"]
@@ -73,6 +73,13 @@ def test_zoo_recipe_runs_with_smoke(recipe, tmp_path):
         assert spec["connector"]["name"] == "dense" and spec["connector"]["mode"] == "dci"
     if recipe == "honeybee":
         assert spec["connector"]["name"] == "c_abstractor" and spec["encoder"]["select_layer"] == -1
+    if recipe == "blip2_qformer":
+        assert spec["connector"]["name"] == "qformer" and spec["encoder"]["select_feature"] == "cls_patch"
+    if recipe == "deepstack":
+        assert spec["connector"]["name"] == "deepstack" and spec["connector"]["num_crops"] == 4
+    if recipe == "matryoshka":
+        header = (tmp_path / "sft" / "logs" / "metrics.csv").read_text().splitlines()[0]
+        assert all(f"train/lm_loss_{s}" in header for s in (16, 4, 1))
     if recipe == "cumo":
         assert spec["connector"]["name"] == "moe_mlp"
         header = (tmp_path / "sft" / "logs" / "metrics.csv").read_text().splitlines()[0]

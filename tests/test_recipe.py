@@ -46,6 +46,15 @@ def test_zoo_recipes_load():
     pre, ft = honeybee.stages
     assert (pre.optim.lr, pre.optim.warmup_steps, pre.optim.max_steps, pre.optim.weight_decay) == (1e-4, 2000, 50000, 0.01)
     assert (ft.optim.lr, ft.optim.global_batch_size, ft.optim.warmup_steps, ft.optim.max_steps) == (2e-5, 128, 150, 4000)
+    blip2 = load_recipe("blip2_qformer")
+    align = blip2.stage("align")
+    assert (align.optim.lr, align.optim.betas, align.optim.weight_decay, align.optim.warmup_steps) == (1e-4, [0.9, 0.98], 0.05, 2000)
+    assert (align.optim.min_lr_ratio, align.optim.global_batch_size, align.trainable) == (0.1, 1920, ["connector"])
+    deepstack = load_recipe("deepstack")
+    assert deepstack.model.connector == "deepstack" and [s.optim.lr for s in deepstack.stages] == [1e-3, 2e-5]
+    m3 = load_recipe("matryoshka")
+    assert [s.objective for s in m3.stages] == ["lm", "matryoshka"] and m3.model.connector == "matryoshka"
+    assert (m3.stage("sft").optim.global_batch_size, m3.stage("sft").optim.weight_decay, m3.stage("sft").data.max_length) == (128, 0.0, 2048)
     cumo = load_recipe("cumo")
     assert [s.optim.lr for s in cumo.stages] == [1e-3, 2e-6, 4e-6]
     assert cumo.stage("sft").transforms == [{"name": "upcycle", "num_experts": 4, "top_k": 2}]

@@ -95,7 +95,7 @@ def test_unknown_name_lists_valid_names_and_suggests_closest():
     assert "unknown connector 'mlpp'" in msg
     assert "Did you mean 'mlp'?" in msg
     assert f"Valid connectors: {', '.join(CONNECTORS.names())}." in msg
-    assert "identity, linear, mlp" in msg
+    assert "identity, linear, matryoshka, mlp" in msg
     assert "_target_" in msg, "the error should tell users how to name their own class"
 
 

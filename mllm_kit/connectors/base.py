@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from mllm_kit.encoders.base import VisualFeatures
+from mllm_kit.encoders.base import VisionEncoder, VisualFeatures
+from mllm_kit.presets import resolve_spec
+from mllm_kit.registry import CONNECTORS
 
 
 @dataclass
@@ -29,13 +33,24 @@ class Connector(nn.Module):
     """Maps encoder features to LLM-width visual tokens.
 
     Built with ``in_dims`` (one channel width per encoder) and ``out_dim`` (the LLM hidden size);
-    subclasses add their own options as keyword arguments.
+    subclasses add their own options as keyword arguments. A connector that also reads a high-resolution
+    view of each image sets ``num_crops`` > 0; the data pipeline then supplies up to that many crops.
     """
+
+    num_crops: int = 0
 
     def __init__(self, in_dims: Sequence[int], out_dim: int) -> None:
         super().__init__()
         self.in_dims = tuple(int(d) for d in in_dims)
         self.out_dim = int(out_dim)
+
+    def encode_views(self, encoder: VisionEncoder, pixel_values: torch.Tensor, crop_pixel_values: torch.Tensor,
+                     crop_grids: list[tuple[int, int]]) -> VisualFeatures:
+        """Encode global views ``[n_img, 3, H, W]`` and high-resolution crops in one encoder pass; the crop
+        features land in ``features.crops``. Connectors that act inside the encoder (DeepStack-V) wrap this."""
+        features, crops = encoder(torch.cat([pixel_values, crop_pixel_values.to(pixel_values.dtype)])).split(pixel_values.shape[0])
+        features.crops, features.crop_grids = crops, list(crop_grids)
+        return features
 
     def num_tokens(self, input_tokens: int, grid: tuple[int, int]) -> int:
         """Visual tokens produced per image from ``input_tokens`` encoder tokens on a ``grid`` of patches.
@@ -46,3 +61,16 @@ class Connector(nn.Module):
 
     def forward(self, features: Sequence[VisualFeatures], text_context: torch.Tensor | None = None) -> ConnectorOutput:
         raise NotImplementedError
+
+
+def build_connector(spec: Mapping[str, Any] | str, in_dims: Sequence[int], out_dim: int, grid: tuple[int, int]) -> Connector:
+    """Build a connector spec (preset name, ``{preset: ...}``, ``{name: ...}`` or ``{_target_: ...}``).
+
+    mllm-kit supplies ``in_dims`` and ``out_dim``, and ``grid`` to connectors whose parameters depend on
+    the patch grid (they declare a ``grid`` argument). Wrapping connectors build their inner one with this.
+    """
+    spec = resolve_spec("connectors", spec)
+    supplied: dict[str, Any] = {"in_dims": list(in_dims), "out_dim": out_dim}
+    if "grid" in inspect.signature(CONNECTORS.resolve(spec)[0]).parameters:
+        supplied["grid"] = tuple(grid)
+    return CONNECTORS.build(spec, **supplied)

@@ -41,6 +41,7 @@ class PadCollator:
             labels[row, cols] = s.labels
             attention_mask[row, cols] = 1
         images = [s.pixel_values for s in samples if s.pixel_values is not None]
+        crops = [s.crop_pixel_values for s in samples if s.crop_pixel_values is not None]
         return Batch(
             input_ids=input_ids,
             labels=labels,
@@ -50,4 +51,6 @@ class PadCollator:
             num_image_tokens=sum(s.num_image_tokens for s in samples),
             sample_ids=[s.id for s in samples],
             num_loss_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
+            crop_pixel_values=torch.cat(crops) if crops else None,
+            crop_grids=[g for s in samples for g in s.crop_grids],
         )

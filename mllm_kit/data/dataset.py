@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from mllm_kit.data.formats import Record, load_records
 from mllm_kit.data.images import load_image
 from mllm_kit.data.tokenize import ConversationEncoder, Truncation, truncate
-from mllm_kit.encoders.image_transform import ImageTransform
+from mllm_kit.encoders.image_transform import CropGridTransform, ImageTransform, ImageViews
 from mllm_kit.errors import DataError
 from mllm_kit.log import get_logger
 
@@ -22,7 +22,11 @@ MAX_SKIPS = 64
 
 @dataclass
 class Sample:
-    """One encoded sample. ``pixel_values``: ``[k, 3, H, W]`` for the k images it kept, or ``None``."""
+    """One encoded sample. ``pixel_values``: ``[k, 3, H, W]`` for the k images it kept, or ``None``.
+
+    Connectors that read a high-resolution view also get ``crop_pixel_values`` ``[Σ crops, 3, H, W]`` and
+    each image's crop ``(rows, cols)`` in ``crop_grids``.
+    """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -30,6 +34,8 @@ class Sample:
     num_image_tokens: int
     id: str
     target: str | None = None
+    crop_pixel_values: torch.Tensor | None = None
+    crop_grids: list[tuple[int, int]] = field(default_factory=list)
 
 
 class LlavaDataset(Dataset[Sample]):
@@ -44,7 +50,7 @@ class LlavaDataset(Dataset[Sample]):
         path: str | Path,
         image_root: str | Path | None,
         encoder: ConversationEncoder,
-        image_transform: ImageTransform,
+        image_transform: ImageTransform | CropGridTransform,
         max_length: int = 2048,
         truncation: Truncation = "trim",
         prompt: bool = False,
@@ -91,9 +97,14 @@ class LlavaDataset(Dataset[Sample]):
             self.num_trimmed += 1
             log.warning("%s: trimmed from %d to %d tokens (%d trimmed so far)", record.ref, len(encoded), len(fitted), self.num_trimmed)
         images = record.images[: len(fitted.image_spans)]
-        pixel_values = None
+        pixel_values, crops, grids = None, None, []
         if images:
-            pixel_values = torch.stack([self.image_transform(load_image(self.image_root / p, record.ref)) for p in images])
+            views = [self.image_transform(load_image(self.image_root / p, record.ref)) for p in images]
+            if isinstance(views[0], ImageViews):  # a connector that also reads a high-resolution view (DeepStack)
+                pixel_values = torch.stack([v.global_view for v in views])
+                crops, grids = torch.cat([v.crops for v in views]), [v.grid for v in views]
+            else:
+                pixel_values = torch.stack(views)
         return Sample(
             input_ids=torch.tensor(fitted.input_ids, dtype=torch.long),
             labels=torch.tensor(fitted.labels, dtype=torch.long),
@@ -101,6 +112,8 @@ class LlavaDataset(Dataset[Sample]):
             num_image_tokens=sum(s.length for s in fitted.image_spans),
             id=record.id if record.id is not None else str(record.index),
             target=target,
+            crop_pixel_values=crops,
+            crop_grids=grids,
         )
 
     def modality_lengths(self) -> list[int]:

@@ -22,12 +22,21 @@ class VisualFeatures:
 
     ``hidden_states[k]`` is ``[n_img, N, C]`` in HF indexing (0 = embeddings, k = output of block k,
     no post-norm), already stripped of prefix tokens according to ``select_feature``.
-    ``selected_layer`` (non-negative) is the encoder's default feature layer.
+    ``selected_layer`` (non-negative) is the encoder's default feature layer. ``crops`` holds the features
+    of the high-resolution crops (``crop_grids``: one ``(rows, cols)`` per image) for connectors that read them.
     """
 
     hidden_states: tuple[torch.Tensor, ...]
     grid: tuple[int, int]
     selected_layer: int
+    crops: VisualFeatures | None = None
+    crop_grids: list[tuple[int, int]] | None = None
+
+    def split(self, n: int) -> tuple[VisualFeatures, VisualFeatures]:
+        """The first ``n`` images and the rest, as two feature sets (views, no copies)."""
+        head = tuple(h[:n] for h in self.hidden_states)
+        tail = tuple(h[n:] for h in self.hidden_states)
+        return VisualFeatures(head, self.grid, self.selected_layer), VisualFeatures(tail, self.grid, self.selected_layer)
 
     @property
     def selected(self) -> torch.Tensor:
@@ -71,6 +80,11 @@ class VisionEncoder(nn.Module):
             raise ConfigError(f"{type(self).__name__} has no CLS token; use select_feature: patch.")
         if self.frozen:
             self.requires_grad_(False)
+
+    @property
+    def blocks(self) -> nn.ModuleList | nn.Sequential:
+        """The transformer blocks, in order (for hooks that act between blocks, e.g. DeepStack-V)."""
+        return find_layer_list(self, self.num_layers)
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -80,3 +80,53 @@ def _center_crop(image: Image.Image, size: int) -> Image.Image:
     w, h = image.size
     left, top = (w - size) // 2, (h - size) // 2
     return image.crop((left, top, left + size, top + size))
+
+
+@dataclass(frozen=True)
+class ImageViews:
+    """A global view ``[3, S, S]`` plus a high-resolution view cut into ``grid = (rows, cols)`` crops ``[rows·cols, 3, S, S]``."""
+
+    global_view: torch.Tensor
+    crops: torch.Tensor
+    grid: tuple[int, int]
+
+
+def crop_grids(num_crops: int) -> list[tuple[int, int]]:
+    """Candidate (rows, cols) with rows·cols ≤ ``num_crops``, excluding 1×1 (DeepStack, specs/components.md §3.1)."""
+    return [(r, c) for r in range(1, num_crops + 1) for c in range(1, num_crops + 1) if r * c <= num_crops and r * c > 1]
+
+
+def best_grid(width: int, height: int, size: int, grids: list[tuple[int, int]]) -> tuple[int, int]:
+    """LLaVA-NeXT's best-fit resolution: keep the most image pixels after an aspect-preserving resize, then waste the fewest."""
+    def score(grid: tuple[int, int]) -> tuple[float, float]:
+        w, h = grid[1] * size, grid[0] * size
+        scale = min(w / width, h / height)
+        effective = min(width * scale * height * scale, width * height)
+        return (effective, -(w * h - effective))
+
+    return max(grids, key=score)
+
+
+@dataclass(frozen=True)
+class CropGridTransform:
+    """``base`` for the global view, plus a high-resolution view for DeepStack (specs/components.md §3.1).
+
+    The image is resized (aspect kept) into the best-fitting grid of ``base.size`` crops among
+    :func:`crop_grids` (``num_crops``), padded with black as LLaVA-NeXT's anyres does, and cut row-major
+    into crops that are normalised like the global view.
+    """
+
+    base: ImageTransform
+    num_crops: int
+
+    def __call__(self, image: Image.Image) -> ImageViews:
+        image = image.convert("RGB")
+        size = self.base.size
+        rows, cols = best_grid(image.width, image.height, size, crop_grids(self.num_crops))
+        target_w, target_h = cols * size, rows * size
+        scale = min(target_w / image.width, target_h / image.height)
+        new_w, new_h = min(target_w, max(1, round(image.width * scale))), min(target_h, max(1, round(image.height * scale)))
+        canvas = Image.new("RGB", (target_w, target_h), (0, 0, 0))
+        canvas.paste(image.resize((new_w, new_h), Image.Resampling.BICUBIC), ((target_w - new_w) // 2, (target_h - new_h) // 2))
+        crops = [canvas.crop((c * size, r * size, (c + 1) * size, (r + 1) * size)) for r in range(rows) for c in range(cols)]
+        return ImageViews(self.base(image), torch.stack([self.base(crop) for crop in crops]), (rows, cols))

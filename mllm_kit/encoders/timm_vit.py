@@ -8,6 +8,7 @@ from typing import Any
 
 import timm
 import torch
+from torch import nn
 
 from mllm_kit.encoders.base import SelectFeature, VisionEncoder
 from mllm_kit.encoders.image_transform import ImageTransform, ResizeMode
@@ -86,6 +87,10 @@ class TimmVisionEncoder(VisionEncoder):
     @property
     def grid(self) -> tuple[int, int]:
         return tuple(self.model.patch_embed.grid_size)
+
+    @property
+    def blocks(self) -> nn.Sequential:
+        return self.model.blocks
 
     def backbone_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         m = self.model

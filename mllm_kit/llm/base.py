@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mllm_kit.llm.inject import ResidualInjector
+
 
 class LanguageModel(nn.Module):
     """Wraps a causal LM and its tokenizer.
@@ -24,6 +26,14 @@ class LanguageModel(nn.Module):
     hidden_size: int
     decoder_layers: nn.ModuleList
     layer_cls: type[nn.Module]
+
+    @property
+    def injector(self) -> ResidualInjector:
+        """Residual additions to decoder-layer inputs at the image positions (DeepStack)."""
+        injector = self.__dict__.get("_injector")
+        if injector is None:
+            injector = self.__dict__["_injector"] = ResidualInjector(self.decoder_layers)
+        return injector
 
     def save_pretrained(self, directory: Path) -> dict[str, Any]:
         """Write model + tokenizer to ``directory``; return the spec fields that make it load from there."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mllm_kit.batch import IGNORE_INDEX, Batch
-from mllm_kit.model import MLLMOutput
+from mllm_kit.model import MLLM, MLLMOutput
 
 
 class Objective:
@@ -18,6 +18,14 @@ class Objective:
 
     def __call__(self, outputs: MLLMOutput, batch: Batch, teacher_outputs: MLLMOutput | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def compute(self, model: MLLM, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Run ``model`` on ``batch`` and score it → ``(loss parts, aux losses)``.
+
+        One forward pass by default; objectives that need several passes per batch (Matryoshka) override it.
+        """
+        outputs = model(batch)
+        return self(outputs, batch), outputs.aux_losses
 
 
 def shifted_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -50,9 +49,7 @@ def conversation_encoder(model: MLLM, spec: DataSpec) -> ConversationEncoder:
 
 def build_dataset(model: MLLM, spec: DataSpec, data_root: Path, split: str = "train", prompt: bool = False) -> LlavaDataset:
     path, image_root = resolve_source(spec, getattr(spec, split), data_root, split)
-    transform = model.image_transform
-    if spec.image_mode is not None:
-        transform = dataclasses.replace(transform, mode=spec.image_mode)
+    transform = model.make_image_transform(spec.image_mode)
     return LlavaDataset(path, image_root, conversation_encoder(model, spec), transform,
                         max_length=spec.max_length, truncation=spec.truncation, prompt=prompt)
 

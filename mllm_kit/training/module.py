@@ -46,10 +46,9 @@ class MLLMModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         if batch.window_loss_tokens is not None:
             batch.loss_normalizer = self._global_tokens(batch) / (self.accumulate * self.trainer.world_size)
-        outputs = self.model(batch)
-        parts = self.objective(outputs, batch)
+        parts, aux_losses = self.objective.compute(self.model, batch)
         loss = parts.pop("loss")
-        for name, value in outputs.aux_losses.items():
+        for name, value in aux_losses.items():
             coef = self.stage.aux_loss_coef.get(name, 0.0)
             if coef:
                 loss = loss + coef * value

@@ -1,0 +1,89 @@
+"""Matryoshka Multimodal Models (M3): one connector, several visual-token budgets (specs/components.md §8.1).
+
+The inner connector (LLaVA's ``mlp2x_gelu`` by default) projects the ``S×S`` patch grid to ``[n_img, S², D]``;
+for a scale s the projected tokens are average-pooled with kernel = stride = S/√s into ``[n_img, s, D]``
+(pooling after the projector, as in the official code). CLIP-L/336 (S = 24): scales {576, 144, 36, 9, 1}
+with kernels 1, 2, 4, 8, 24. Training averages the LM loss over the scales (``objective: matryoshka``);
+inference uses ``scale``. No parameters beyond the inner connector's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mllm_kit.connectors.base import Connector, ConnectorOutput, build_connector
+from mllm_kit.encoders.base import VisualFeatures
+from mllm_kit.errors import ConfigError
+from mllm_kit.registry import register_connector
+
+
+def _square_side(n: int, what: str) -> int:
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ConfigError(f"matryoshka: {what} = {n} is not a square number of tokens.")
+    return side
+
+
+@register_connector("matryoshka")
+class MatryoshkaConnector(Connector):
+    """``inner`` connector, then 2-D average pooling to ``scale`` tokens.
+
+    ``scales`` lists the token budgets trained together (each a square whose side divides the inner grid
+    side); ``null`` means all of them for the grid. ``scale`` is the budget the model uses — and the one the
+    data pipeline expands ``<image>`` to; ``null`` means the largest.
+    """
+
+    def __init__(
+        self,
+        in_dims: Sequence[int],
+        out_dim: int,
+        grid: tuple[int, int],
+        inner: Mapping[str, Any] | str = "mlp2x_gelu",
+        scales: Sequence[int] | None = (576, 144, 36, 9, 1),
+        scale: int | None = None,
+    ) -> None:
+        super().__init__(in_dims, out_dim)
+        self.inner = build_connector(inner, in_dims, out_dim, grid)
+        self.side = _square_side(self.inner.num_tokens(grid[0] * grid[1], grid), "the inner connector's token count")
+        if scales is None:
+            scales = [(self.side // k) ** 2 for k in range(1, self.side + 1) if self.side % k == 0]
+        self.scales = tuple(sorted({int(s) for s in scales}, reverse=True))
+        for s in self.scales:
+            if self.side % _square_side(s, "a scale"):
+                raise ConfigError(
+                    f"matryoshka: scale {s} needs the grid side {self.side} to be divisible by {math.isqrt(s)}; "
+                    f"valid scales for this grid: {[(self.side // k) ** 2 for k in range(1, self.side + 1) if self.side % k == 0]}."
+                )
+        self.scale = self.scales[0] if scale is None else int(scale)
+        if self.scale not in self.scales:
+            raise ConfigError(f"matryoshka: scale {self.scale} is not one of scales {list(self.scales)}.")
+
+    def num_tokens(self, input_tokens: int, grid: tuple[int, int]) -> int:
+        return self.scale
+
+    @contextlib.contextmanager
+    def at_scale(self, scale: int) -> Iterator[None]:
+        """Temporarily emit ``scale`` tokens per image (the Matryoshka objective walks the scales)."""
+        if scale not in self.scales:
+            raise ConfigError(f"matryoshka: scale {scale} is not one of scales {list(self.scales)}.")
+        previous, self.scale = self.scale, scale
+        try:
+            yield
+        finally:
+            self.scale = previous
+
+    def forward(self, features: Sequence[VisualFeatures], text_context: torch.Tensor | None = None) -> ConnectorOutput:
+        out = self.inner(features, text_context)
+        tokens = out.tokens
+        kernel = self.side // math.isqrt(self.scale)
+        if kernel > 1:
+            n, _, d = tokens.shape
+            grid = tokens.transpose(1, 2).reshape(n, d, self.side, self.side)
+            tokens = F.avg_pool2d(grid, kernel_size=kernel, stride=kernel).flatten(2).transpose(1, 2)
+        return ConnectorOutput(tokens=tokens, aux_losses=out.aux_losses)
