@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from mllm_kit.batch import Batch
@@ -21,18 +21,21 @@ from mllm_kit.errors import ConfigError, MllmKitError
 from mllm_kit.io import atomic_dir
 from mllm_kit.llm.base import LanguageModel
 from mllm_kit.presets import resolve_spec
-from mllm_kit.registry import ENCODERS, LLMS
+from mllm_kit.registry import ENCODERS, LLMS, TRANSFORMS
 
 MLLM_CONFIG = "mllm.json"
+TRANSFORMED_WEIGHTS = "transformed.safetensors"
 
 
 @dataclass
 class MLLMOutput:
-    """``logits [B, T, V]``; ``aux_losses`` from the connector (and LLM-side modules later)."""
+    """``logits [B, T, V]``; ``aux_losses`` from the connector and LLM-side modules (MoE layers), weighted by the
+    recipe; ``metrics``: detached statistics to log (e.g. per-expert token fractions)."""
 
     logits: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ImageTokenMismatch(MllmKitError):
@@ -47,6 +50,14 @@ class MLLM(nn.Module):
         self.encoder = encoder
         self.connector = connector
         self.llm = llm
+        self.transforms: list[dict[str, Any]] = []
+        self._aux_modules: list[nn.Module] = []
+
+    def record_transform(self, spec: Mapping[str, Any]) -> None:
+        """Transforms that change the LLM's structure record themselves here, so that :meth:`from_pretrained`
+        can rebuild the structure before loading the trained weights."""
+        self.transforms.append(dict(spec))
+        self._aux_modules = [m for m in self.llm.model.modules() if isinstance(getattr(m, "aux_losses", None), dict)]
 
     @classmethod
     def build(cls, encoder: Mapping[str, Any] | str, connector: Mapping[str, Any] | str, llm: Mapping[str, Any] | str) -> MLLM:
@@ -69,11 +80,17 @@ class MLLM(nn.Module):
             specs[part] = dict(spec)
         with atomic_dir(directory) as tmp:
             specs["encoder"].update(self.encoder.save_pretrained(tmp / "encoder"))
-            specs["llm"].update(self.llm.save_pretrained(tmp / "llm"))
+            if self.transforms:
+                # The transformed LLM no longer matches its architecture's checkpoint layout: save config and
+                # tokenizer, and every weight by its module path; loading rebuilds the structure first.
+                specs["llm"].update(self.llm.save_pretrained(tmp / "llm", weights=False), load_weights=False)
+                save_model(self.llm.model, str(tmp / "llm" / TRANSFORMED_WEIGHTS))
+            else:
+                specs["llm"].update(self.llm.save_pretrained(tmp / "llm"))
             save_file({k: v.contiguous() for k, v in self.connector.state_dict().items()}, str(tmp / "connector.safetensors"))
             for part in ("encoder", "llm"):  # paths inside the saved directory are stored relative to it
                 specs[part]["path"] = part
-            meta = {"format": 1, "tokens_per_image": self.tokens_per_image(), **specs}
+            meta = {"format": 1, "tokens_per_image": self.tokens_per_image(), "transforms": self.transforms, **specs}
             (tmp / MLLM_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
         return Path(directory)
 
@@ -94,6 +111,10 @@ class MLLM(nn.Module):
                 spec["path"] = str(directory / spec["path"])
             specs[part] = spec
         model = cls.build(specs["encoder"], {**specs["connector"], **(connector or {})}, specs["llm"])
+        for spec in meta.get("transforms", []):
+            TRANSFORMS.build(spec)(model)
+        if meta.get("transforms"):
+            load_model(model.llm.model, str(directory / "llm" / TRANSFORMED_WEIGHTS))
         model.connector.load_state_dict(load_file(str(directory / "connector.safetensors")))
         return model
 
@@ -194,7 +215,28 @@ class MLLM(nn.Module):
             output_hidden_states=output_hidden_states,
         )
         aux = dict(visual.aux_losses) if visual is not None else {}
-        return MLLMOutput(logits=out.logits, aux_losses=aux, hidden_states=out.hidden_states if output_hidden_states else None)
+        metrics = self._collect_llm_aux(aux)
+        return MLLMOutput(logits=out.logits, aux_losses=aux, hidden_states=out.hidden_states if output_hidden_states else None,
+                          metrics=metrics)
+
+    def _collect_llm_aux(self, aux: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sum LLM-side aux losses over layers (as MoE-LLaVA does) and average their statistics for logging."""
+        if not self._aux_modules:
+            return {}
+        stats: dict[str, list[torch.Tensor]] = {}
+        for module in self._aux_modules:
+            for name, value in module.aux_losses.items():
+                aux[name] = aux[name] + value if name in aux else value
+            for name, value in getattr(module, "metrics", {}).items():
+                stats.setdefault(name, []).append(value)
+        metrics: dict[str, torch.Tensor] = {}
+        for name, values in stats.items():
+            mean = torch.stack(values).mean(dim=0)
+            if mean.dim() == 0:
+                metrics[f"llm_moe_{name}"] = mean
+            else:  # one entry per expert
+                metrics.update({f"llm_moe_{name}_e{i}": v for i, v in enumerate(mean.unbind())})
+        return metrics
 
     @torch.no_grad()
     def generate(

@@ -119,7 +119,7 @@ def tiny_tokenizer(root: str | os.PathLike[str] | None = None, vocab_size: int =
 
 
 # -- language models ----------------------------------------------------------------------------
-LLM_FAMILIES = ("llama", "qwen2", "mistral", "phi3")
+LLM_FAMILIES = ("llama", "qwen2", "mistral", "phi3", "phi")
 
 
 def _llm_config(family: str, vocab_size: int, ids: dict[str, int], hidden_size: int, num_layers: int, num_heads: int,

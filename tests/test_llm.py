@@ -17,6 +17,7 @@ LAYER_CLS = {
     "qwen2": "Qwen2DecoderLayer",
     "mistral": "MistralDecoderLayer",
     "phi3": "Phi3DecoderLayer",
+    "phi": "PhiDecoderLayer",
 }
 
 

@@ -80,7 +80,7 @@ def test_objective_is_the_mean_of_per_scale_lm_losses_and_trains_every_scale():
     conn = model.connector
     assert conn.scales == (16, 4, 1) and model.tokens_per_image() == 16  # 32 px / 8 px patches = 4×4 grid
     batch = _batch(model)
-    parts, _ = MatryoshkaObjective().compute(model, batch)
+    parts, _, _ = MatryoshkaObjective().compute(model, batch)
     lm = LMObjective()
     expected = []
     for s in conn.scales:

@@ -7,8 +7,8 @@ weights renormalised to sum to 1; output Σ_k w_k · Expert_k(x). Auxiliary loss
 * ``moe_balance``: E · Σ_e f_e · P_e, f_e = fraction of tokens whose top-1 expert is e, P_e = mean router prob;
 * ``moe_z``: mean over tokens of logsumexp(router logits)².
 
-Experts are stored as stacked weights ``[E, in, out]`` so dispatch is one gather, a batched matmul per
-layer over all experts, and one scatter — no Python loop over tokens or experts.
+Experts are stored as stacked weights ``[E, in, out]``; routing and dispatch are :mod:`mllm_kit.routing`'s
+(one scatter, a batched matmul per layer over all experts, one gather — no Python loop over tokens or experts).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from mllm_kit.connectors.mlp import ACTIVATIONS, MLPConnector, _single_width
 from mllm_kit.encoders.base import VisualFeatures
 from mllm_kit.errors import ConfigError
 from mllm_kit.registry import register_connector, register_transform
+from mllm_kit.routing import balance_loss, dispatch, route, z_loss
 
 
 class StackedMLP(nn.Module):
@@ -87,38 +88,10 @@ class MoEMLPConnector(Connector):
         x = features[0].selected
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # [T, C]
-        logits = self.router(tokens).float()  # routing in fp32, as CuMo/DeepSpeed
-        probs = logits.softmax(dim=-1)
-        gates, experts = probs.topk(self.top_k, dim=-1)  # [T, k]
-        gates = gates / gates.sum(dim=-1, keepdim=True)
-        out = self._dispatch(tokens, experts, gates.to(tokens.dtype))
-        aux = {"moe_balance": balance_loss(probs, experts[:, 0], self.num_experts), "moe_z": z_loss(logits)}
+        routing = route(self.router(tokens), self.top_k)  # fp32 routing, capacity = the largest load (no drops)
+        out = dispatch(tokens, routing, self.num_experts, self.experts)
+        aux = {"moe_balance": balance_loss(routing.probs, routing.experts[:, 0], self.num_experts), "moe_z": z_loss(routing.logits)}
         return ConnectorOutput(tokens=out.reshape(*shape[:-1], self.out_dim), aux_losses=aux)
-
-    def _dispatch(self, tokens: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """Group the T·k (token, expert) pairs by expert into ``[E, capacity, C]``, run every expert at once,
-        scatter back and mix with the gates. One host sync (the largest expert load) sizes the buffer."""
-        t, k = experts.shape
-        slot_expert = experts.reshape(-1)  # [T·k]
-        one_hot = torch.nn.functional.one_hot(slot_expert, self.num_experts)  # [T·k, E]
-        slot_pos = ((one_hot.cumsum(dim=0) - 1) * one_hot).sum(dim=-1)  # position of each pair within its expert
-        capacity = int(one_hot.sum(dim=0).max())
-        buffer = tokens.new_zeros(self.num_experts, capacity, tokens.shape[-1])
-        slot_token = torch.arange(t, device=tokens.device).repeat_interleave(k)
-        buffer[slot_expert, slot_pos] = tokens[slot_token]
-        outputs = self.experts(buffer)[slot_expert, slot_pos]  # [T·k, D]
-        return (outputs.view(t, k, -1) * gates.unsqueeze(-1)).sum(dim=1)
-
-
-def balance_loss(probs: torch.Tensor, top1: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """E · Σ_e f_e · P_e with f_e the top-1 assignment fraction and P_e the mean router probability."""
-    f = torch.bincount(top1, minlength=num_experts).to(probs.dtype) / top1.numel()
-    return num_experts * (f * probs.mean(dim=0)).sum()
-
-
-def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of logsumexp(router logits)²."""
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
 
 
 @register_transform("upcycle")

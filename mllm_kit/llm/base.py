@@ -35,9 +35,15 @@ class LanguageModel(nn.Module):
             injector = self.__dict__["_injector"] = ResidualInjector(self.decoder_layers)
         return injector
 
-    def save_pretrained(self, directory: Path) -> dict[str, Any]:
-        """Write model + tokenizer to ``directory``; return the spec fields that make it load from there."""
-        self.model.save_pretrained(directory)
+    def save_pretrained(self, directory: Path, weights: bool = True) -> dict[str, Any]:
+        """Write model (or, with ``weights=False``, only its config) + tokenizer to ``directory``; return the spec
+        fields that make it load from there."""
+        if weights:
+            self.model.save_pretrained(directory)
+        else:
+            self.model.config.save_pretrained(directory)
+            if self.model.generation_config is not None:
+                self.model.generation_config.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         return {"path": str(directory), "config": None, "tokenizer": None}
 

@@ -27,6 +27,7 @@ class HFCausalLM(LanguageModel):
     added to the tokenizer when absent and the embeddings resized. Tokenizers without a pad token use
     ``unk`` or, failing that, ``eos`` — labels never derive from pad ids, so that is safe. ``family``
     (``llama``, ``qwen2``, ...) names the architecture without loading it; ``--smoke`` uses it.
+    ``load_weights: false`` builds the architecture from ``path``'s config without its weights.
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class HFCausalLM(LanguageModel):
         special_tokens: list[str] | tuple[str, ...] = (),
         trust_remote_code: bool = False,
         family: str | None = None,
+        load_weights: bool = True,
     ) -> None:
         super().__init__()
         self.family = family
@@ -56,8 +58,11 @@ class HFCausalLM(LanguageModel):
         kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        if path is not None:
+        if path is not None and load_weights:
             self.model = from_pretrained(AutoModelForCausalLM, path, what="llm", **kwargs)
+        elif path is not None:  # the architecture only; the caller loads the weights (a transformed saved model)
+            hf_config = from_pretrained(AutoConfig, path, what="llm config", trust_remote_code=trust_remote_code)
+            self.model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
         else:
             cfg = dict(config)
             model_type = cfg.pop("model_type", None)

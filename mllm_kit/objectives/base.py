@@ -19,13 +19,13 @@ class Objective:
     def __call__(self, outputs: MLLMOutput, batch: Batch, teacher_outputs: MLLMOutput | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def compute(self, model: MLLM, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Run ``model`` on ``batch`` and score it → ``(loss parts, aux losses)``.
+    def compute(self, model: MLLM, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Run ``model`` on ``batch`` and score it → ``(loss parts, aux losses, metrics to log)``.
 
         One forward pass by default; objectives that need several passes per batch (Matryoshka) override it.
         """
         outputs = model(batch)
-        return self(outputs, batch), outputs.aux_losses
+        return self(outputs, batch), outputs.aux_losses, outputs.metrics
 
 
 def shifted_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

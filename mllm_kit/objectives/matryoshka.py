@@ -26,7 +26,7 @@ class MatryoshkaObjective(LMObjective):
     def __init__(self, scales: Sequence[int] | None = None) -> None:
         self.scales = None if scales is None else tuple(int(s) for s in scales)
 
-    def compute(self, model: MLLM, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def compute(self, model: MLLM, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         connector = model.connector
         if not isinstance(connector, MatryoshkaConnector):
             raise ConfigError(f"objective 'matryoshka' needs the 'matryoshka' connector; the model has {type(connector).__name__}.")
@@ -37,6 +37,7 @@ class MatryoshkaObjective(LMObjective):
                               f"(connector scale); raise model.connector.scale.")
         parts: dict[str, torch.Tensor] = {}
         aux: dict[str, torch.Tensor] = {}
+        metrics: dict[str, torch.Tensor] = {}
         total = None
         for s in scales:
             shrunk = keep_image_prefix(batch, model.image_token_id, full, s, model.tokenizer.pad_token_id)
@@ -47,5 +48,6 @@ class MatryoshkaObjective(LMObjective):
             parts[f"lm_loss_{s}"] = scored["lm_loss"]
             for name, value in outputs.aux_losses.items():
                 aux[name] = aux.get(name, 0.0) + value / len(scales)
+            metrics = outputs.metrics
         parts["lm_loss"] = torch.stack([parts[f"lm_loss_{s}"] for s in scales]).mean()
-        return {"loss": total / len(scales), **parts}, aux
+        return {"loss": total / len(scales), **parts}, aux, metrics

@@ -46,14 +46,14 @@ class MLLMModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         if batch.window_loss_tokens is not None:
             batch.loss_normalizer = self._global_tokens(batch) / (self.accumulate * self.trainer.world_size)
-        parts, aux_losses = self.objective.compute(self.model, batch)
+        parts, aux_losses, metrics = self.objective.compute(self.model, batch)
         loss = parts.pop("loss")
         for name, value in aux_losses.items():
             coef = self.stage.aux_loss_coef.get(name, 0.0)
             if coef:
                 loss = loss + coef * value
             parts[name] = value.detach()
-        log = {f"train/{k}": v for k, v in parts.items()}
+        log = {f"train/{k}": v for k, v in {**parts, **metrics}.items()}
         log["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log_dict(log, on_step=True, prog_bar=False, batch_size=len(batch))
         self.log("loss", parts.get("lm_loss", loss.detach()), on_step=True, prog_bar=True, logger=False, batch_size=len(batch))
