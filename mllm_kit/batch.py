@@ -50,6 +50,20 @@ class Batch:
         }
         return replace(self, **moved)
 
+    def instruction_mask(self) -> torch.Tensor | None:
+        """``[B, T]`` bool: each sequence's prompt up to its first supervised token (the first instruction and
+        what precedes it), padding excluded; packed rows restart at every ``position_ids == 0``. ``None``
+        without labels (at inference the whole prompt is the instruction)."""
+        if self.labels is None:
+            return None
+        supervised = (self.labels != IGNORE_INDEX).long()
+        seen = supervised.cumsum(dim=-1)
+        if self.position_ids is not None:  # subtract what earlier packed sequences saw (a non-decreasing count)
+            starts = torch.where(self.position_ids == 0, seen - supervised, torch.zeros_like(seen))
+            seen = seen - starts.cummax(dim=-1).values
+        mask = seen == 0
+        return mask if self.attention_mask is None else mask & self.attention_mask.bool()
+
     @property
     def num_images(self) -> int:
         return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])

@@ -24,7 +24,8 @@ from mllm_kit.presets import resolve_spec
 from mllm_kit.registry import ENCODERS, LLMS, TRANSFORMS
 
 MLLM_CONFIG = "mllm.json"
-TRANSFORMED_WEIGHTS = "transformed.safetensors"
+CONNECTOR_WEIGHTS = "connector.safetensors"
+TRANSFORMED_WEIGHTS = "model.safetensors"
 
 
 @dataclass
@@ -52,12 +53,23 @@ class MLLM(nn.Module):
         self.llm = llm
         self.transforms: list[dict[str, Any]] = []
         self._aux_modules: list[nn.Module] = []
+        self._context_modules: list[nn.Module] = []
 
-    def record_transform(self, spec: Mapping[str, Any]) -> None:
-        """Transforms that change the LLM's structure record themselves here, so that :meth:`from_pretrained`
-        can rebuild the structure before loading the trained weights."""
-        self.transforms.append(dict(spec))
-        self._aux_modules = [m for m in self.llm.model.modules() if isinstance(getattr(m, "aux_losses", None), dict)]
+    def record_transform(self, spec: Mapping[str, Any] | None) -> None:
+        """Transforms that change the model's structure record their spec here, so that :meth:`from_pretrained`
+        can rebuild the structure before loading the trained weights (``None`` records nothing, e.g. after
+        ``merge_lora`` removed what ``add_lora`` added). Then the modules that transforms added are found again:
+
+        * ``aux_losses`` / ``metrics`` (dicts, refreshed by each forward): summed into the loss parts / logged;
+        * ``set_context(text_embeds [B, T, D], instruction_mask [B, T])``: called before each LLM forward with
+          the token embeddings and the instruction tokens (prompt before the first answer, images and padding
+          excluded) — what an instance-level gate reads (LoRA-MoE).
+        """
+        if spec is not None:
+            self.transforms.append(dict(spec))
+        modules = [*self.encoder.modules(), *self.llm.modules()]  # connectors report through ConnectorOutput
+        self._aux_modules = [m for m in modules if isinstance(getattr(m, "aux_losses", None), dict)]
+        self._context_modules = [m for m in modules if callable(getattr(m, "set_context", None))]
 
     @classmethod
     def build(cls, encoder: Mapping[str, Any] | str, connector: Mapping[str, Any] | str, llm: Mapping[str, Any] | str) -> MLLM:
@@ -71,23 +83,27 @@ class MLLM(nn.Module):
     # -- saving and loading ----------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``encoder/`` and ``llm/`` (HF/timm directories), ``connector.safetensors`` and ``mllm.json``,
-        atomically: an interrupted save leaves any previous ``directory`` intact."""
+        atomically: an interrupted save leaves any previous ``directory`` intact.
+
+        A model changed by transforms (MoE upcycling, LoRA, ...) no longer matches its parts' checkpoint layouts:
+        ``encoder/`` and ``llm/`` then hold only what rebuilds the architectures (configs, tokenizer, image
+        statistics), and every weight goes into ``model.safetensors`` by module path; loading rebuilds the parts,
+        replays the recorded transforms and loads that file strictly.
+        """
         specs = {}
         for part in ("encoder", "connector", "llm"):
             spec = getattr(getattr(self, part), "build_spec", None)
             if spec is None:
                 raise ConfigError(f"the {part} was not built from a spec (use MLLM.build), so it cannot be saved for reloading.")
             specs[part] = dict(spec)
+        weights = not self.transforms
         with atomic_dir(directory) as tmp:
-            specs["encoder"].update(self.encoder.save_pretrained(tmp / "encoder"))
-            if self.transforms:
-                # The transformed LLM no longer matches its architecture's checkpoint layout: save config and
-                # tokenizer, and every weight by its module path; loading rebuilds the structure first.
-                specs["llm"].update(self.llm.save_pretrained(tmp / "llm", weights=False), load_weights=False)
-                save_model(self.llm.model, str(tmp / "llm" / TRANSFORMED_WEIGHTS))
+            specs["encoder"].update(self.encoder.save_pretrained(tmp / "encoder", weights=weights))
+            specs["llm"].update(self.llm.save_pretrained(tmp / "llm", weights=weights))
+            if weights:
+                save_file({k: v.contiguous() for k, v in self.connector.state_dict().items()}, str(tmp / CONNECTOR_WEIGHTS))
             else:
-                specs["llm"].update(self.llm.save_pretrained(tmp / "llm"))
-            save_file({k: v.contiguous() for k, v in self.connector.state_dict().items()}, str(tmp / "connector.safetensors"))
+                save_model(self, str(tmp / TRANSFORMED_WEIGHTS))  # drops tied duplicates (e.g. tied LM head)
             for part in ("encoder", "llm"):  # paths inside the saved directory are stored relative to it
                 specs[part]["path"] = part
             meta = {"format": 1, "tokens_per_image": self.tokens_per_image(), "transforms": self.transforms, **specs}
@@ -111,11 +127,17 @@ class MLLM(nn.Module):
                 spec["path"] = str(directory / spec["path"])
             specs[part] = spec
         model = cls.build(specs["encoder"], {**specs["connector"], **(connector or {})}, specs["llm"])
-        for spec in meta.get("transforms", []):
+        transforms = meta.get("transforms", [])
+        for spec in transforms:
             TRANSFORMS.build(spec)(model)
-        if meta.get("transforms"):
-            load_model(model.llm.model, str(directory / "llm" / TRANSFORMED_WEIGHTS))
-        model.connector.load_state_dict(load_file(str(directory / "connector.safetensors")))
+        if transforms:
+            missing, unexpected = load_model(model, str(directory / TRANSFORMED_WEIGHTS), strict=False)
+            if missing or unexpected:
+                raise ConfigError(f"{directory / TRANSFORMED_WEIGHTS} does not fit the model rebuilt from {MLLM_CONFIG} "
+                                  f"(transforms {[t.get('name') for t in transforms]}): missing {sorted(missing)[:5]}, "
+                                  f"unexpected {sorted(unexpected)[:5]}.")
+        else:
+            model.connector.load_state_dict(load_file(str(directory / CONNECTOR_WEIGHTS)))
         return model
 
     # -- what the data pipeline needs to know -------------------------------------------------
@@ -168,13 +190,22 @@ class MLLM(nn.Module):
         num_image_tokens: int | None = None,
         crop_pixel_values: torch.Tensor | None = None,
         crop_grids: list[tuple[int, int]] | None = None,
+        instruction_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ConnectorOutput | None]:
         """Input embeddings ``[B, T, D]`` with visual tokens at image positions.
 
         When the connector returns ``injections`` (DeepStack), they are armed on the LLM for the next forward.
+        Modules that read per-sample context (see :meth:`record_transform`) get the token embeddings and
+        ``instruction_mask`` ``[B, T]`` (default: every token) without image positions.
         """
         embeds = self.llm.embed(input_ids)
         self.llm.injector.clear()
+        if self._context_modules:
+            context = input_ids != self.image_token_id
+            if instruction_mask is not None:
+                context = context & instruction_mask.bool()
+            for module in self._context_modules:
+                module.set_context(embeds, context)
         if pixel_values is None or pixel_values.shape[0] == 0:
             if num_image_tokens:
                 raise ImageTokenMismatch(f"batch has {num_image_tokens} image-token positions but no images.")
@@ -206,7 +237,7 @@ class MLLM(nn.Module):
 
     def forward(self, batch: Batch, output_hidden_states: bool = False) -> MLLMOutput:
         embeds, visual = self.embed_inputs(batch.input_ids, batch.pixel_values, batch.num_image_tokens,
-                                           batch.crop_pixel_values, batch.crop_grids)
+                                           batch.crop_pixel_values, batch.crop_grids, batch.instruction_mask())
         out = self.llm(
             inputs_embeds=embeds,
             attention_mask=batch.attention_mask,
@@ -220,7 +251,8 @@ class MLLM(nn.Module):
                           metrics=metrics)
 
     def _collect_llm_aux(self, aux: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Sum LLM-side aux losses over layers (as MoE-LLaVA does) and average their statistics for logging."""
+        """Sum the aux losses of modules that transforms added over layers (as MoE-LLaVA does) and average their
+        statistics for logging; a statistic with one value per expert is logged as ``llm_<name>_e<i>``."""
         if not self._aux_modules:
             return {}
         stats: dict[str, list[torch.Tensor]] = {}
@@ -233,9 +265,9 @@ class MLLM(nn.Module):
         for name, values in stats.items():
             mean = torch.stack(values).mean(dim=0)
             if mean.dim() == 0:
-                metrics[f"llm_moe_{name}"] = mean
-            else:  # one entry per expert
-                metrics.update({f"llm_moe_{name}_e{i}": v for i, v in enumerate(mean.unbind())})
+                metrics[f"llm_{name}"] = mean
+            else:
+                metrics.update({f"llm_{name}_e{i}": v for i, v in enumerate(mean.unbind())})
         return metrics
 
     @torch.no_grad()
@@ -256,7 +288,8 @@ class MLLM(nn.Module):
         """
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
             raise ConfigError("generate() needs left-padded prompts (collate with padding_side='left').")
-        embeds, _ = self.embed_inputs(input_ids, pixel_values, crop_pixel_values=crop_pixel_values, crop_grids=crop_grids)
+        embeds, _ = self.embed_inputs(input_ids, pixel_values, crop_pixel_values=crop_pixel_values, crop_grids=crop_grids,
+                                      instruction_mask=attention_mask)  # the whole prompt is the instruction
         tok = self.llm.tokenizer
         eos = stop_token_ids or [tok.eos_token_id]
         kwargs.setdefault("do_sample", False)

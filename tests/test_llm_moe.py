@@ -106,7 +106,7 @@ def test_training_drops_overflow_and_reports_it():
     x = torch.ones(1, 8, 4)
     out = moe(x)
     capacity = moe.capacity(8)  # ⌈8/4·1·0.5⌉ = 1
-    assert capacity == 1 and moe.metrics["dropped"].item() == pytest.approx(7 / 8)
+    assert capacity == 1 and moe.metrics["moe_dropped"].item() == pytest.approx(7 / 8)
     assert out[0, 1:].abs().max() == 0 and out[0, 0].abs().max() > 0  # only the first token in routing order is kept
 
 

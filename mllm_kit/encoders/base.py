@@ -117,8 +117,9 @@ class VisionEncoder(nn.Module):
             states = tuple(torch.cat([h[:, :1], h[:, p:]], dim=1) for h in states)
         return VisualFeatures(hidden_states=states, grid=self.grid, selected_layer=self.selected_layer)
 
-    def save_pretrained(self, directory: Path) -> dict[str, Any]:
-        """Write the backbone to ``directory``; return the spec fields that make it load from there."""
+    def save_pretrained(self, directory: Path, weights: bool = True) -> dict[str, Any]:
+        """Write the backbone to ``directory`` (with ``weights=False``, only what rebuilds its architecture: a
+        transformed model stores its weights elsewhere); return the spec fields that make it load from there."""
         raise NotImplementedError(f"{type(self).__name__} cannot save itself; implement save_pretrained().")
 
     @property

@@ -59,6 +59,7 @@ class HFVisionEncoder(VisionEncoder):
         frozen: bool = True,
         dtype: str = "float32",
         attn_implementation: str | None = None,
+        load_weights: bool = True,
     ) -> None:
         super().__init__(select_layer=select_layer, select_feature=select_feature, frozen=frozen)
         if (path is None) == (config is None):
@@ -66,10 +67,10 @@ class HFVisionEncoder(VisionEncoder):
         kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype)}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        if path is not None:
+        if path is not None and load_weights:
             self.model = from_pretrained(self.model_cls, path, what="encoder", **kwargs)
-        else:
-            cfg = self.config_cls(**config)
+        else:  # from a config (random init); a transformed saved model loads its weights afterwards
+            cfg = self.config_cls(**config) if path is None else from_pretrained(self.config_cls, path, what="encoder config")
             if attn_implementation:
                 cfg._attn_implementation = attn_implementation
             self.model = self.model_cls(cfg).to(kwargs["dtype"])
@@ -92,11 +93,14 @@ class HFVisionEncoder(VisionEncoder):
         )
         self.finish_init()
 
-    def save_pretrained(self, directory: Path) -> dict[str, Any]:
-        self.model.save_pretrained(directory)
+    def save_pretrained(self, directory: Path, weights: bool = True) -> dict[str, Any]:
+        if weights:
+            self.model.save_pretrained(directory)
+        else:
+            self.model.config.save_pretrained(directory)
         t = self.image_transform
         (Path(directory) / "preprocessor_config.json").write_text(json.dumps({"image_mean": list(t.mean), "image_std": list(t.std)}))
-        return {"path": str(directory), "config": None}
+        return {"path": str(directory), "config": None, "load_weights": weights}
 
     def backbone_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         kwargs = {}

@@ -39,6 +39,7 @@ class TimmVisionEncoder(VisionEncoder):
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
         frozen: bool = True,
+        load_weights: bool = True,
     ) -> None:
         super().__init__(select_layer=select_layer, select_feature=select_feature, frozen=frozen)
         kwargs: dict[str, Any] = {"num_classes": 0, **(model_kwargs or {})}
@@ -51,7 +52,7 @@ class TimmVisionEncoder(VisionEncoder):
             if not config_file.is_file():
                 raise ConfigError(f"timm encoder path {path!r} has no config.json (write it with timm save_for_hf).")
             self._model_args = {**json.loads(config_file.read_text()).get("model_args", {}), **self._model_args}
-            self.model = timm.create_model(f"local-dir:{path}", pretrained=True, **kwargs)
+            self.model = timm.create_model(f"local-dir:{path}", pretrained=load_weights, **kwargs)
         elif model_name is not None:
             if weights is not None and not Path(weights).is_file():
                 raise ConfigError(f"timm encoder weights file {weights!r} does not exist.")
@@ -77,12 +78,18 @@ class TimmVisionEncoder(VisionEncoder):
         )
         self.finish_init()
 
-    def save_pretrained(self, directory: Path) -> dict[str, Any]:
+    def save_pretrained(self, directory: Path, weights: bool = True) -> dict[str, Any]:
         from timm.models import save_for_hf
+        from timm.models._hub import save_config_for_hf
 
         args = {"img_size": self.image_size, **getattr(self, "_model_args", {})}
-        save_for_hf(self.model, str(directory), model_args=args, safe_serialization=True)
-        return {"path": str(directory), "model_name": None, "weights": None, "model_kwargs": None, "image_size": None}
+        if weights:
+            save_for_hf(self.model, str(directory), model_args=args, safe_serialization=True)
+        else:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            save_config_for_hf(self.model, str(Path(directory) / "config.json"), model_args=args)
+        return {"path": str(directory), "model_name": None, "weights": None, "model_kwargs": None, "image_size": None,
+                "load_weights": weights}
 
     @property
     def grid(self) -> tuple[int, int]:

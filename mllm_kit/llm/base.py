@@ -45,7 +45,7 @@ class LanguageModel(nn.Module):
             if self.model.generation_config is not None:
                 self.model.generation_config.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-        return {"path": str(directory), "config": None, "tokenizer": None}
+        return {"path": str(directory), "config": None, "tokenizer": None, "load_weights": weights}
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` ids → ``[B, T, D]`` input embeddings."""

@@ -107,7 +107,7 @@ class SparseMoE(nn.Module):
         self.aux_losses = {"llm_moe_balance": balance_loss(routing.probs, top1, self.num_experts)}
         if self.use_z_loss:
             self.aux_losses["llm_moe_z"] = z_loss(routing.logits)
-        self.metrics = {"load": expert_load(top1, self.num_experts).detach(), "dropped": (~routing.kept).float().mean().detach()}
+        self.metrics = {"moe_load": expert_load(top1, self.num_experts).detach(), "moe_dropped": (~routing.kept).float().mean().detach()}
         return out.view_as(hidden)
 
 
