@@ -25,6 +25,8 @@ class Batch:
     trainer: the global batch's supervised-token count, rescaled for accumulation and data parallelism.
     ``crop_pixel_values`` ``[Σ crops, 3, H, W]`` / ``crop_grids`` (one ``(rows, cols)`` per image): the
     high-resolution view, for connectors that read one (DeepStack).
+    ``instruction_ids`` / ``instruction_mask`` ``[B, L]``: each sample's first user message by itself, for an
+    instance-level gate (LoRA-MoE); without them the gate reads :meth:`prompt_mask`'s tokens.
     """
 
     input_ids: torch.Tensor
@@ -41,6 +43,8 @@ class Batch:
     loss_normalizer: float | None = None
     crop_pixel_values: torch.Tensor | None = None
     crop_grids: list[tuple[int, int]] = field(default_factory=list)
+    instruction_ids: torch.Tensor | None = None
+    instruction_mask: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {
@@ -50,7 +54,7 @@ class Batch:
         }
         return replace(self, **moved)
 
-    def instruction_mask(self) -> torch.Tensor | None:
+    def prompt_mask(self) -> torch.Tensor | None:
         """``[B, T]`` bool: each sequence's prompt up to its first supervised token (the first instruction and
         what precedes it), padding excluded; packed rows restart at every ``position_ids == 0``. ``None``
         without labels (at inference the whole prompt is the instruction)."""

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mllm_kit.errors import ConfigError
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -37,7 +39,7 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_run(run_dir: Path, overrides: list[str] = ()) -> int:
+def _evaluate_run(run_dir: Path, overrides: list[str] = (), stage_name: str | None = None) -> int:
     import yaml
 
     from mllm_kit.evaluate import evaluate
@@ -50,14 +52,14 @@ def _evaluate_run(run_dir: Path, overrides: list[str] = ()) -> int:
     state = RunState.load(run_dir)
     done = [s for s in recipe.stages if state.done(s.name)]
     if not done:
-        from mllm_kit.errors import ConfigError
-
         raise ConfigError(f"{run_dir}: no finished stage to evaluate.")
-    stage = done[-1]
+    stage = recipe.stage(stage_name) if stage_name else done[-1]
+    if not state.done(stage.name):
+        raise ConfigError(f"{run_dir}: stage {stage.name!r} has not finished; finished: {[s.name for s in done]}.")
     connector = _connector_overrides(overrides)
     model = MLLM.from_pretrained(state.final_dir(stage.name), connector=connector)
     result = evaluate(model, stage.data, recipe.eval, run_dir / "data")
-    name = "eval.json" if not overrides else "eval-" + "-".join(sorted(overrides)) + ".json"
+    name = "-".join(["eval", *([stage.name] if stage_name else []), *sorted(overrides)]) + ".json"
     atomic_write_json(run_dir / name, {"stage": stage.name, "accuracy": result.accuracy, "num_samples": result.num_samples,
                                        "per_task": result.per_task, "overrides": connector})
     suffix = f" with {', '.join(sorted(overrides))}" if overrides else ""
@@ -67,8 +69,6 @@ def _evaluate_run(run_dir: Path, overrides: list[str] = ()) -> int:
 
 def _connector_overrides(overrides: list[str]) -> dict[str, object]:
     import yaml
-
-    from mllm_kit.errors import ConfigError
 
     options: dict[str, object] = {}
     for item in overrides:
@@ -80,7 +80,7 @@ def _connector_overrides(overrides: list[str]) -> dict[str, object]:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    return _evaluate_run(Path(args.run), args.overrides)
+    return _evaluate_run(Path(args.run), args.overrides, args.stage)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -166,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 stages.sft.optim.max_steps=10")
     p.set_defaults(func=_fit)
 
-    p = sub.add_parser("eval", help="held-out accuracy of a run's last finished stage")
+    p = sub.add_parser("eval", help="held-out accuracy of a run's last finished stage (or --stage)")
     p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--stage", help="evaluate this finished stage instead of the last (writes eval-STAGE.json)")
     p.add_argument("overrides", nargs="*", metavar="connector.KEY=VALUE",
                    help="connector options to change for this evaluation, e.g. connector.scale=36 (Matryoshka)")
     p.set_defaults(func=_eval)

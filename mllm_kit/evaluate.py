@@ -45,7 +45,8 @@ def evaluate(model: MLLM, data: DataSpec, spec: EvalSpec, data_root: Path) -> Ev
     examples = []
     for batch, targets in loader:
         new = model.generate(batch.input_ids, batch.attention_mask, batch.pixel_values, max_new_tokens=spec.max_new_tokens,
-                             stop_token_ids=stop, crop_pixel_values=batch.crop_pixel_values, crop_grids=batch.crop_grids)
+                             stop_token_ids=stop, crop_pixel_values=batch.crop_pixel_values, crop_grids=batch.crop_grids,
+                             instruction_ids=batch.instruction_ids, instruction_mask=batch.instruction_mask)
         for sid, text, gold in zip(batch.sample_ids, model.tokenizer.batch_decode(new, skip_special_tokens=True), targets):
             hits[tasks.get(sid, "all")].append(normalize(text) == normalize(gold or ""))
             examples.append((sid, text, gold or ""))

@@ -61,15 +61,20 @@ class MLLM(nn.Module):
         ``merge_lora`` removed what ``add_lora`` added). Then the modules that transforms added are found again:
 
         * ``aux_losses`` / ``metrics`` (dicts, refreshed by each forward): summed into the loss parts / logged;
-        * ``set_context(text_embeds [B, T, D], instruction_mask [B, T])``: called before each LLM forward with
-          the token embeddings and the instruction tokens (prompt before the first answer, images and padding
-          excluded) — what an instance-level gate reads (LoRA-MoE).
+        * ``set_context(text_embeds [B, L, D], mask [B, L])``: called before each LLM forward with the token
+          embeddings of each sample's instruction — what an instance-level gate reads (LoRA-MoE); see
+          :meth:`embed_inputs`.
         """
         if spec is not None:
             self.transforms.append(dict(spec))
         modules = [*self.encoder.modules(), *self.llm.modules()]  # connectors report through ConnectorOutput
         self._aux_modules = [m for m in modules if isinstance(getattr(m, "aux_losses", None), dict)]
         self._context_modules = [m for m in modules if callable(getattr(m, "set_context", None))]
+
+    @property
+    def reads_instruction(self) -> bool:
+        """Whether a module reads each sample's instruction (then datasets supply ``instruction_ids``)."""
+        return bool(self._context_modules)
 
     @classmethod
     def build(cls, encoder: Mapping[str, Any] | str, connector: Mapping[str, Any] | str, llm: Mapping[str, Any] | str) -> MLLM:
@@ -190,22 +195,27 @@ class MLLM(nn.Module):
         num_image_tokens: int | None = None,
         crop_pixel_values: torch.Tensor | None = None,
         crop_grids: list[tuple[int, int]] | None = None,
-        instruction_mask: torch.Tensor | None = None,
+        instruction: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, ConnectorOutput | None]:
         """Input embeddings ``[B, T, D]`` with visual tokens at image positions.
 
         When the connector returns ``injections`` (DeepStack), they are armed on the LLM for the next forward.
-        Modules that read per-sample context (see :meth:`record_transform`) get the token embeddings and
-        ``instruction_mask`` ``[B, T]`` (default: every token) without image positions.
+        Modules that read each sample's instruction (see :meth:`record_transform`) get the embeddings of
+        ``instruction = (ids [B, L], mask [B, L] or None)``, or, when it is an ``[B, T]`` mask alone (no ids), the
+        embeddings of ``input_ids`` where it is set, image positions excluded.
         """
         embeds = self.llm.embed(input_ids)
         self.llm.injector.clear()
         if self._context_modules:
-            context = input_ids != self.image_token_id
-            if instruction_mask is not None:
-                context = context & instruction_mask.bool()
+            ids, mask = instruction if instruction is not None else (None, None)
+            if ids is not None:
+                text = self.llm.embed(ids)
+                mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+            else:
+                text = embeds
+                mask = (input_ids != self.image_token_id) & (True if mask is None else mask.bool())
             for module in self._context_modules:
-                module.set_context(embeds, context)
+                module.set_context(text, mask)
         if pixel_values is None or pixel_values.shape[0] == 0:
             if num_image_tokens:
                 raise ImageTokenMismatch(f"batch has {num_image_tokens} image-token positions but no images.")
@@ -237,7 +247,7 @@ class MLLM(nn.Module):
 
     def forward(self, batch: Batch, output_hidden_states: bool = False) -> MLLMOutput:
         embeds, visual = self.embed_inputs(batch.input_ids, batch.pixel_values, batch.num_image_tokens,
-                                           batch.crop_pixel_values, batch.crop_grids, batch.instruction_mask())
+                                           batch.crop_pixel_values, batch.crop_grids, _instruction(batch))
         out = self.llm(
             inputs_embeds=embeds,
             attention_mask=batch.attention_mask,
@@ -280,16 +290,22 @@ class MLLM(nn.Module):
         stop_token_ids: list[int] | None = None,
         crop_pixel_values: torch.Tensor | None = None,
         crop_grids: list[tuple[int, int]] | None = None,
+        instruction_ids: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Greedy (by default) generation with a KV cache; prompts must be left-padded. Returns ``[B, new]`` ids.
 
         Injections (DeepStack) apply to the prefill pass only; decode steps reuse the cached keys and values.
+        ``instruction_ids``/``instruction_mask`` ``[B, L]`` feed an instance-level gate (LoRA-MoE) as in training
+        (datasets supply them); without them it reads the whole prompt.
         """
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
             raise ConfigError("generate() needs left-padded prompts (collate with padding_side='left').")
+        # Without instruction ids an instance-level gate reads the whole prompt.
+        instruction = (instruction_ids, instruction_mask) if instruction_ids is not None else (None, attention_mask)
         embeds, _ = self.embed_inputs(input_ids, pixel_values, crop_pixel_values=crop_pixel_values, crop_grids=crop_grids,
-                                      instruction_mask=attention_mask)  # the whole prompt is the instruction
+                                      instruction=instruction)
         tok = self.llm.tokenizer
         eos = stop_token_ids or [tok.eos_token_id]
         kwargs.setdefault("do_sample", False)
@@ -305,3 +321,10 @@ class MLLM(nn.Module):
             )
         finally:
             self.llm.injector.clear()
+
+
+def _instruction(batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """What an instance-level gate reads: the batch's instruction ids, else its prompt before the first answer."""
+    if batch.instruction_ids is not None:
+        return batch.instruction_ids, batch.instruction_mask
+    return None, batch.prompt_mask()

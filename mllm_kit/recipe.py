@@ -186,7 +186,8 @@ def find_recipe(path_or_name: str) -> Path:
 
 def read_recipe(path_or_name: str, seen: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
     """The raw recipe mapping; ``base: other_recipe`` merges this file over another (mappings merge, lists and
-    values replace), so a zoo entry that differs from a published recipe in one component stays one line."""
+    values replace; ``stages`` merge by name: a stage named like one of the base's changes it in place, a new
+    name is appended), so a zoo entry that differs from a published recipe in one component stays one line."""
     path = find_recipe(path_or_name)
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
@@ -200,7 +201,24 @@ def read_recipe(path_or_name: str, seen: tuple[str, ...] = ()) -> tuple[Path, di
     if str(base) in seen:
         raise ConfigError(f"{path}: base recipes form a cycle: {' → '.join((*seen, str(base)))}.")
     _, parent = read_recipe(str(base), (*seen, str(base)))
-    return path, _deep_merge(parent, raw)
+    stages = _merge_stages(parent.get("stages") or [], raw.pop("stages", None) or [], path)
+    return path, {**_deep_merge(parent, raw), "stages": stages}
+
+
+def _merge_stages(base: list[Any], override: list[Any], path: Path) -> list[Any]:
+    merged = list(base)
+    names = [s.get("name") if isinstance(s, dict) else None for s in base]
+    for i, stage in enumerate(override):
+        if not isinstance(stage, dict) or "name" not in stage:
+            raise ConfigError(f"{path}: stages[{i}] needs a name: a recipe with a base changes the base's stages by name "
+                              f"(base stages: {[n for n in names if n]}) or appends new ones.")
+        if stage["name"] in names:
+            k = names.index(stage["name"])
+            merged[k] = _deep_merge(merged[k], stage)
+        else:
+            merged.append(stage)
+            names.append(stage["name"])
+    return merged
 
 
 def load_recipe(path_or_name: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

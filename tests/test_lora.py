@@ -1,18 +1,23 @@
 """LoRA (peft) and LoRA-MoE (Octavius §6.2, Awaker §6.4): exact no-op at insertion, the gate's inputs and math,
 the mixture's math, trainable sets, save / reload / merge, and clear errors."""
 
+import json
 import math
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModelForCausalLM
 
 from mllm_kit import MLLM
 from mllm_kit.batch import IGNORE_INDEX, Batch
+from mllm_kit.data.collate import PadCollator
 from mllm_kit.errors import ConfigError
 from mllm_kit.llm.lora_moe import InstructionGate, LoRAMoELinear, top_k_gate
+from mllm_kit.recipe import DataSpec
 from mllm_kit.registry import TRANSFORMS
 from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec
+from mllm_kit.training.data import build_dataset
 from mllm_kit.training.trainable import apply_trainable
 
 ATTENTION = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -108,15 +113,15 @@ def test_targets_that_match_nothing_are_a_clear_error():
         TRANSFORMS.build({"name": "add_lora_moe", "num_experts": 2, "top_k": 3})
 
 
-def test_instruction_mask_is_the_prompt_before_the_first_answer():
+def test_prompt_mask_is_the_prompt_before_the_first_answer():
     labels = torch.tensor([[-100, -100, 7, -100, 9], [-100, -100, -100, 4, -100]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
-    got = Batch(input_ids=torch.zeros_like(labels), labels=labels, attention_mask=mask).instruction_mask()
+    got = Batch(input_ids=torch.zeros_like(labels), labels=labels, attention_mask=mask).prompt_mask()
     assert got.tolist() == [[True, True, False, False, False], [True, True, True, False, False]]
     # two packed sequences in one row: the second starts at position_ids == 0 and has its own prompt
     packed = Batch(input_ids=torch.zeros(1, 7, dtype=torch.long), labels=torch.tensor([[-100, 5, 6, -100, -100, 8, -100]]),
                    position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3]]))
-    assert packed.instruction_mask().tolist() == [[True, False, False, True, True, False, False]]
+    assert packed.prompt_mask().tolist() == [[True, False, False, True, True, False, False]]
 
 
 def test_instance_gate_reads_only_instruction_tokens_and_matches_the_formula():
@@ -198,3 +203,29 @@ def test_lora_moe_token_gate_saves_reloads_and_generates(tmp_path):
         assert torch.equal(reloaded(batch).logits, out.logits)
     generated = reloaded.generate(batch.input_ids[:1], batch.attention_mask[:1], batch.pixel_values[:1], max_new_tokens=3)
     assert generated.shape == (1, 3)
+
+
+def test_the_data_pipeline_hands_the_gate_the_first_user_message(tmp_path):
+    model = _model()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "a.png")
+    records = [{"id": "s0", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": "circle"}]},
+        {"id": "s1", "conversations": [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "hi"}]}]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    spec = DataSpec(train=str(tmp_path / "d.json"), template="chatml")
+    assert build_dataset(model, spec, tmp_path)[0].instruction_ids is None  # models without a gate skip it
+    TRANSFORMS.build({"name": "add_lora_moe", "r": 4})(model)
+    assert model.reads_instruction
+    data = build_dataset(model, spec, tmp_path)
+    tok = model.tokenizer
+    assert data[0].instruction_ids.tolist() == tok.encode("What color is it?", add_special_tokens=False)
+    batch = PadCollator(tok.pad_token_id)([data[0], data[1]])
+    assert batch.instruction_mask.sum(-1).tolist() == [len(data[0].instruction_ids), len(data[1].instruction_ids)]
+    with torch.no_grad():
+        model(batch)
+        gate = model.llm.lora_moe_gate
+        emb = model.llm.embed(batch.instruction_ids[0, : len(data[0].instruction_ids)])
+        probs = (emb.mean(0) @ gate.weight).softmax(-1)
+        top, idx = probs.topk(2)
+        torch.testing.assert_close(gate.gates[0, 0, idx], top / (top.sum() + 1e-9))

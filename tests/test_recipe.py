@@ -29,6 +29,21 @@ def test_cli_overrides_address_stages_by_name(tmp_path, tiny_recipe):
     assert all(s.data.max_length == 128 for s in recipe.stages)
 
 
+def test_a_base_recipes_stages_merge_by_name(tmp_path, tiny_recipe):
+    base = _write(tmp_path, tiny_recipe())
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {base}\nname: child\nstages:\n  - name: sft\n    optim: {{lr: 3.0e-4}}\n"
+                     "  - {name: extra, trainable: [llm], optim: {max_steps: 5}}\n")
+    recipe = load_recipe(str(child))
+    assert [s.name for s in recipe.stages] == ["align", "sft", "extra"]
+    sft = recipe.stage("sft")
+    assert sft.optim.lr == 3e-4 and sft.optim.max_steps == 2 and sft.trainable == ["connector", "llm"]  # the rest is the base's
+    assert recipe.stage("extra").optim.max_steps == 5
+    child.write_text(f"base: {base}\nname: child\nstages:\n  - {{optim: {{lr: 3.0e-4}}}}\n")
+    with pytest.raises(ConfigError, match=r"stages\[0\] needs a name.*base stages: \['align', 'sft'\]"):
+        load_recipe(str(child))
+
+
 def test_zoo_recipes_load():
     for name in ("quickstart", "llava15"):
         recipe = load_recipe(name)
@@ -55,6 +70,13 @@ def test_zoo_recipes_load():
     m3 = load_recipe("matryoshka")
     assert [s.objective for s in m3.stages] == ["lm", "matryoshka"] and m3.model.connector == "matryoshka"
     assert (m3.stage("sft").optim.global_batch_size, m3.stage("sft").optim.weight_decay, m3.stage("sft").data.max_length) == (128, 0.0, 2048)
+    octavius = load_recipe("octavius")
+    (instruct,) = octavius.stages
+    assert instruct.transforms == [{"name": "add_lora_moe", "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                    "num_experts": 4, "top_k": 2, "r": 32, "alpha": 32, "dropout": 0.1, "gate": "instance"}]
+    o = instruct.optim
+    assert (o.lr, o.betas, o.weight_decay, o.global_batch_size, o.epochs, o.warmup_ratio) == (5e-4, [0.9, 0.95], 1e-3, 64, 2, 0.1)
+    assert instruct.trainable == ["connector", "re:lora_", "llm.lora_moe_gate"] and octavius.model.connector == "linear"
     cumo = load_recipe("cumo")
     assert [s.optim.lr for s in cumo.stages] == [1e-3, 2e-6, 4e-6]
     assert cumo.stage("sft").transforms == [{"name": "upcycle", "num_experts": 4, "top_k": 2}]

@@ -40,6 +40,14 @@ class PadCollator:
             input_ids[row, cols] = s.input_ids
             labels[row, cols] = s.labels
             attention_mask[row, cols] = 1
+        instruction_ids = instruction_mask = None
+        if samples[0].instruction_ids is not None:  # right-padded whatever the sequence's padding side: only a mean reads it
+            width = max(1, max(len(s.instruction_ids) for s in samples))
+            instruction_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+            instruction_mask = torch.zeros((n, width), dtype=torch.bool)
+            for row, s in enumerate(samples):
+                instruction_ids[row, : len(s.instruction_ids)] = s.instruction_ids
+                instruction_mask[row, : len(s.instruction_ids)] = True
         images = [s.pixel_values for s in samples if s.pixel_values is not None]
         crops = [s.crop_pixel_values for s in samples if s.crop_pixel_values is not None]
         return Batch(
@@ -53,4 +61,6 @@ class PadCollator:
             num_loss_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
             crop_pixel_values=torch.cat(crops) if crops else None,
             crop_grids=[g for s in samples for g in s.crop_grids],
+            instruction_ids=instruction_ids,
+            instruction_mask=instruction_mask,
         )

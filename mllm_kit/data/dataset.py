@@ -25,7 +25,8 @@ class Sample:
     """One encoded sample. ``pixel_values``: ``[k, 3, H, W]`` for the k images it kept, or ``None``.
 
     Connectors that read a high-resolution view also get ``crop_pixel_values`` ``[Σ crops, 3, H, W]`` and
-    each image's crop ``(rows, cols)`` in ``crop_grids``.
+    each image's crop ``(rows, cols)`` in ``crop_grids``. Models with an instance-level gate (LoRA-MoE) also get
+    ``instruction_ids``: the first user turn's text tokens.
     """
 
     input_ids: torch.Tensor
@@ -36,13 +37,15 @@ class Sample:
     target: str | None = None
     crop_pixel_values: torch.Tensor | None = None
     crop_grids: list[tuple[int, int]] = field(default_factory=list)
+    instruction_ids: torch.Tensor | None = None
 
 
 class LlavaDataset(Dataset[Sample]):
     """LLaVA JSON/JSONL samples for training (``prompt=False``) or generation prompts (``prompt=True``).
 
     Over-long samples are trimmed or dropped by ``truncation`` (never inside an image span); a dropped
-    sample is replaced by the next one, and both events are counted and logged.
+    sample is replaced by the next one, and both events are counted and logged. ``instruction`` adds each
+    sample's ``instruction_ids``.
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class LlavaDataset(Dataset[Sample]):
         truncation: Truncation = "trim",
         prompt: bool = False,
         records: list[Record] | None = None,
+        instruction: bool = False,
     ) -> None:
         self.path = str(path)
         self.image_root = Path(image_root) if image_root is not None else Path(path).parent
@@ -66,6 +70,7 @@ class LlavaDataset(Dataset[Sample]):
         self.max_length = max_length
         self.truncation = truncation
         self.prompt = prompt
+        self.instruction = instruction
         self.num_trimmed = 0
         self.num_dropped = 0
 
@@ -114,6 +119,7 @@ class LlavaDataset(Dataset[Sample]):
             target=target,
             crop_pixel_values=crops,
             crop_grids=grids,
+            instruction_ids=torch.tensor(self.encoder.encode_instruction(turns), dtype=torch.long) if self.instruction else None,
         )
 
     def modality_lengths(self) -> list[int]:

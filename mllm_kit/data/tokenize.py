@@ -98,6 +98,12 @@ class ConversationEncoder:
         """Inference encoding of turns ending with a user turn, up to the assistant header."""
         return self.encode_segments(self.template.render_prompt(self._with_system(turns), self.tokenizer))
 
+    def encode_instruction(self, turns: Sequence[Turn]) -> list[int]:
+        """The first user turn's text alone (no template, no ``<image>``), as an instance-level gate reads it
+        (Octavius tokenises the first human message by itself)."""
+        first = next((t.content for t in turns if t.role == "user"), "")
+        return self._text_ids(" ".join(first.replace(IMAGE_PLACEHOLDER, " ").split()))
+
     def stop_token_ids(self) -> list[int]:
         ids = []
         for s in self.template.stop_strings(self.tokenizer):

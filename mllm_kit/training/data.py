@@ -50,8 +50,8 @@ def conversation_encoder(model: MLLM, spec: DataSpec) -> ConversationEncoder:
 def build_dataset(model: MLLM, spec: DataSpec, data_root: Path, split: str = "train", prompt: bool = False) -> LlavaDataset:
     path, image_root = resolve_source(spec, getattr(spec, split), data_root, split)
     transform = model.make_image_transform(spec.image_mode)
-    return LlavaDataset(path, image_root, conversation_encoder(model, spec), transform,
-                        max_length=spec.max_length, truncation=spec.truncation, prompt=prompt)
+    return LlavaDataset(path, image_root, conversation_encoder(model, spec), transform, max_length=spec.max_length,
+                        truncation=spec.truncation, prompt=prompt, instruction=model.reads_instruction)
 
 
 class StepLoader:
