@@ -29,9 +29,11 @@ MOE_CONNECTOR_AUX = "{moe_balance: 0.1, moe_z: 0.01}"
 # name → (overrides, extra evaluations as connector.KEY=VALUE lists, what differs from the preset)
 VARIANTS: dict[str, tuple[list[str], list[list[str]], str]] = {
     "mlp2x_gelu": ([], [], "the quickstart itself"),
-    "qformer": (["model.connector={preset: qformer, num_layers: 2, hidden: 128, heads: 4, intermediate_size: 512}"], [],
-                "BLIP-2 layout (32 queries, cross-attention every 2nd layer, query FFN, ln_vision, linear out) at width 128, 2 layers"),
-    "qformer_light": (["model.connector=qformer_light"], [], "preset (64 queries, 2 layers at LLM width, pre/post MLPs)"),
+    "qformer": (["model.connector={preset: qformer, num_layers: 2, hidden: 128, heads: 4, intermediate_size: 512, init_std: 0.3}"], [],
+                "BLIP-2 layout (32 queries, cross-attention every 2nd layer, query FFN, ln_vision, linear out) at width 128, "
+                "2 layers; init_std 0.3 (at 0.02 shape stays at chance, docs/connectors/qformer.md)"),
+    "qformer_light": (["model.connector={preset: qformer_light, init_std: 0.3}"], [],
+                      "preset (64 queries, 2 layers at LLM width, pre/post MLPs); init_std 0.3 (see qformer)"),
     "resampler": (["model.connector=resampler"], [], "preset (64 latents, 6 layers, 8 heads × 64)"),
     "c_abstractor": (["model.connector={preset: c_abstractor, num_queries: 16, hidden: 128}"], [],
                      "M = 16 (4×4 of the 8×8 grid), RegStage width 128, depth 3"),

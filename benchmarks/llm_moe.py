@@ -6,7 +6,7 @@ mode (capacity factor 1.5). "All experts" runs the same stacked experts on every
 the router probabilities (what an implementation without dispatch costs). Targets: top-2 of 4 ≤ 0.65× all
 experts and ≤ 2.2× the dense FFN.
 
-    python benchmarks/llm_moe.py [--device cuda] [--tokens 4096 --hidden 1024 --ffn 2816]
+    python benchmarks/llm_moe.py [--device cuda --dtype bfloat16] [--tokens 4096 --hidden 1024 --ffn 2816]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from mllm_kit.llm.moe import SparseMoE
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--ffn", type=int, default=2816)
@@ -34,9 +35,10 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    dense = LlamaMLP(LlamaConfig(hidden_size=args.hidden, intermediate_size=args.ffn)).to(args.device)
-    moe = SparseMoE(dense, num_experts=args.experts, top_k=args.top_k, capacity_factor=1.5).to(args.device).train()
-    x = torch.randn(1, args.tokens, args.hidden, device=args.device, requires_grad=True)
+    dtype = getattr(torch, args.dtype)
+    dense = LlamaMLP(LlamaConfig(hidden_size=args.hidden, intermediate_size=args.ffn)).to(args.device, dtype)
+    moe = SparseMoE(dense, num_experts=args.experts, top_k=args.top_k, capacity_factor=1.5).to(args.device, dtype).train()
+    x = torch.randn(1, args.tokens, args.hidden, device=args.device, dtype=dtype, requires_grad=True)
 
     def routed() -> None:
         moe(x).sum().backward()
@@ -53,9 +55,9 @@ def main() -> None:
     t_routed = median_ms(routed, args.steps, args.warmup, args.device)
     t_all = median_ms(all_experts, args.steps, args.warmup, args.device)
     t_dense = median_ms(dense_ffn, args.steps, args.warmup, args.device)
-    print(f"{args.tokens} tokens, D={args.hidden}, FFN {args.ffn}, top-{args.top_k} of {args.experts}, capacity 1.5 ({args.device}): "
+    print(f"{args.tokens} tokens, D={args.hidden}, FFN {args.ffn}, top-{args.top_k} of {args.experts}, capacity 1.5 ({args.device}, {args.dtype}): "
           f"routed {t_routed:.1f} ms, all experts {t_all:.1f} ms, dense FFN {t_dense:.1f} ms; "
-          f"routed/all {t_routed / t_all:.3f}, routed/dense {t_routed / t_dense:.3f}; dropped {moe.metrics['dropped'].item():.3f}")
+          f"routed/all {t_routed / t_all:.3f}, routed/dense {t_routed / t_dense:.3f}; dropped {moe.metrics['moe_dropped'].item():.3f}")
 
 
 if __name__ == "__main__":

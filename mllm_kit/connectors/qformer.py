@@ -50,7 +50,9 @@ class QFormerConnector(Connector):
     """``num_queries`` learned queries through ``num_layers`` Q-Former layers of width ``hidden``.
 
     ``hidden=None`` uses the LLM width; ``intermediate_size=None`` uses ``ffn_ratio × hidden`` rounded down
-    to a multiple of 8. ``init_from`` names a local ``Blip2QFormerModel`` directory whose weights (and
+    to a multiple of 8. ``init_std`` is the std of the normal init of the queries and the Q-Former's weights
+    (BERT's ``initializer_range``, 0.02); it was tuned for BERT-base width, and a much narrower Q-Former trained
+    from scratch needs a larger one (``benchmarks/learning.py``). ``init_from`` names a local ``Blip2QFormerModel`` directory whose weights (and
     config) replace the fresh ones; its width and cross-attention input must agree with this connector's.
     """
 
@@ -70,6 +72,7 @@ class QFormerConnector(Connector):
         post_proj: Projection = "linear",
         dropout: float = 0.0,
         layer_norm_eps: float = 1e-12,
+        init_std: float = 0.02,
         init_from: str | None = None,
     ) -> None:
         super().__init__(in_dims, out_dim)
@@ -93,12 +96,13 @@ class QFormerConnector(Connector):
             hidden_dropout_prob=dropout,
             attention_probs_dropout_prob=dropout,
             layer_norm_eps=layer_norm_eps,
+            initializer_range=init_std,
         )
         if init_from is not None:
             self.qformer = self._load(init_from, config)
         else:
             self.qformer = Blip2QFormerModel(config)
-        # BLIP-2 and MoE-LLaVA both draw the queries from BERT's N(0, initializer_range = 0.02).
+        # BLIP-2 and MoE-LLaVA both draw the queries (and every weight) from BERT's N(0, initializer_range = 0.02).
         self.queries = nn.Parameter(torch.empty(1, num_queries, hidden).normal_(0.0, config.initializer_range))
         self.post_proj = _projection(post_proj, hidden, out_dim, "post_proj")
 
