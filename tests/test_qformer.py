@@ -104,3 +104,11 @@ def test_qformer_model_trains_end_to_end():
     assert tokens.shape == (2, 6, model.llm.hidden_size)
     tokens.square().mean().backward()
     assert model.connector.queries.grad is not None and model.connector.queries.grad.abs().sum() > 0
+
+
+def test_init_std_sets_the_scale_of_queries_and_weights():
+    torch.manual_seed(0)
+    for std in (0.02, 0.3):
+        conn = QFormerConnector([64], 128, num_layers=2, hidden=128, heads=4, intermediate_size=512, init_std=std)
+        key = conn.qformer.encoder.layer[0].crossattention.attention.key.weight
+        assert abs(key.std().item() - std) < 0.1 * std and abs(conn.queries.std().item() - std) < 0.1 * std
