@@ -69,11 +69,12 @@ def dispatch(tokens: torch.Tensor, routing: Routing, num_experts: int,
     t, k = routing.slots.shape
     rows = num_experts * routing.capacity
     flat_slots = routing.slots.reshape(-1)
-    # Row `rows` is a sink for dropped assignments; it is never read back.
+    # Row `rows` is a sink for dropped assignments; the experts never see it.
     buffer = tokens.new_zeros(rows + 1, tokens.shape[-1]).index_copy(0, flat_slots, tokens.repeat_interleave(k, dim=0))
-    out = experts(buffer[:rows].view(num_experts, routing.capacity, -1))
-    out = torch.cat([out.reshape(rows, -1), out.new_zeros(1, out.shape[-1])])
-    return (out[flat_slots].view(t, k, -1) * routing.gates.to(out.dtype).unsqueeze(-1)).sum(dim=1)
+    out = experts(buffer[:rows].view(num_experts, routing.capacity, -1)).reshape(rows, -1)
+    # A dropped assignment reads any row back: its gate is 0, so it adds nothing (and gets no gradient).
+    picked = out.index_select(0, flat_slots.clamp_max(rows - 1)).view(t, k, -1)
+    return (picked * routing.gates.to(out.dtype).unsqueeze(-1)).sum(dim=1)
 
 
 def balance_loss(probs: torch.Tensor, top1: torch.Tensor, num_experts: int) -> torch.Tensor:

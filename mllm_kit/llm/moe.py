@@ -29,51 +29,57 @@ from mllm_kit.registry import register_transform
 from mllm_kit.routing import balance_loss, dispatch, expert_load, route, z_loss
 
 
-def _ffn_parts(ffn: nn.Module) -> tuple[list[nn.Linear], nn.Linear, nn.Module, bool]:
-    """(input projections, output projection, activation, gated) of a transformers FFN module."""
+def _ffn_parts(ffn: nn.Module) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], nn.Linear, nn.Module]:
+    """The input projections of a transformers FFN module by role (``gate`` + ``up``, or ``in``) as ``(weight [out, in],
+    bias)``, its output projection and its activation."""
     if all(hasattr(ffn, a) for a in ("gate_proj", "up_proj", "down_proj")):
-        return [ffn.gate_proj, ffn.up_proj], ffn.down_proj, ffn.act_fn, True
-    if hasattr(ffn, "gate_up_proj") and hasattr(ffn, "down_proj"):
-        return [ffn.gate_up_proj], ffn.down_proj, ffn.activation_fn, True
+        parts = {"gate": (ffn.gate_proj.weight, ffn.gate_proj.bias), "up": (ffn.up_proj.weight, ffn.up_proj.bias)}
+        return parts, ffn.down_proj, ffn.act_fn
+    if hasattr(ffn, "gate_up_proj") and hasattr(ffn, "down_proj"):  # Phi-3 fuses them: gate first, then up
+        bias = ffn.gate_up_proj.bias
+        (w_gate, w_up), (b_gate, b_up) = ffn.gate_up_proj.weight.chunk(2), bias.chunk(2) if bias is not None else (None, None)
+        return {"gate": (w_gate, b_gate), "up": (w_up, b_up)}, ffn.down_proj, ffn.activation_fn
     if hasattr(ffn, "fc1") and hasattr(ffn, "fc2"):
-        return [ffn.fc1], ffn.fc2, ffn.activation_fn, False
+        return {"in": (ffn.fc1.weight, ffn.fc1.bias)}, ffn.fc2, ffn.activation_fn
     raise ConfigError(f"upcycle_moe: the FFN {type(ffn).__name__} has none of gate_proj/up_proj/down_proj, gate_up_proj/down_proj "
                       "or fc1/fc2; it cannot be upcycled.")
 
 
+def _expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``[E, C, in] @ [E, in, out] (+ [E, out])``: every expert at once."""
+    return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, weight)
+
+
 class StackedFFN(nn.Module):
-    """E copies of one FFN as stacked weights; ``forward(x [E, C, D]) -> [E, C, D]``."""
+    """E copies of one FFN as stacked weights ``w_<role> [E, in, out]`` (roles ``gate``/``up`` for gated FFNs, ``in`` for
+    plain ones, and ``out``); ``forward(x [E, C, D]) -> [E, C, D]``. Gate and up stay separate matrices, so the
+    backward pass needs no concatenation of their gradients."""
 
     def __init__(self, ffn: nn.Module, num_experts: int) -> None:
         super().__init__()
-        inputs, output, self.act, self.gated = _ffn_parts(ffn)
+        inputs, output, self.act = _ffn_parts(ffn)
+        self.gated = "gate" in inputs
 
         def stack(t: torch.Tensor | None) -> nn.Parameter | None:
             return None if t is None else nn.Parameter(t.detach().unsqueeze(0).repeat(num_experts, *([1] * t.dim())))
 
-        # nn.Linear stores [out, in]; experts multiply [C, in] @ [in, out]. Gated FFNs keep gate then up.
-        self.w_in = stack(torch.cat([m.weight for m in inputs]).t())
-        self.b_in = stack(torch.cat([m.bias for m in inputs]) if inputs[0].bias is not None else None)
-        self.w_out = stack(output.weight.t())
-        self.b_out = stack(output.bias)
+        # nn.Linear stores [out, in]; experts multiply [C, in] @ [in, out].
+        for role, (weight, bias) in {**inputs, "out": (output.weight, output.bias)}.items():
+            setattr(self, f"w_{role}", stack(weight.t()))
+            setattr(self, f"b_{role}", stack(bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.bmm(x, self.w_in) if self.b_in is None else torch.baddbmm(self.b_in.unsqueeze(1), x, self.w_in)
         if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = self.act(gate) * up
+            h = self.act(_expert_linear(x, self.w_gate, self.b_gate)) * _expert_linear(x, self.w_up, self.b_up)
         else:
-            h = self.act(h)
-        return torch.bmm(h, self.w_out) if self.b_out is None else torch.baddbmm(self.b_out.unsqueeze(1), h, self.w_out)
+            h = self.act(_expert_linear(x, self.w_in, self.b_in))
+        return _expert_linear(h, self.w_out, self.b_out)
 
     def copies(self, ffn: nn.Module) -> bool:
         """Whether every expert holds exactly ``ffn``'s weights."""
-        reference = StackedFFN(ffn, 1)
-        return all(
-            (mine is None and theirs is None) or (mine is not None and theirs is not None and torch.equal(mine, theirs.expand_as(mine)))
-            for mine, theirs in ((self.w_in, reference.w_in), (self.b_in, reference.b_in), (self.w_out, reference.w_out),
-                                 (self.b_out, reference.b_out))
-        )
+        reference = dict(StackedFFN(ffn, 1).named_parameters())
+        mine = dict(self.named_parameters())
+        return mine.keys() == reference.keys() and all(torch.equal(p, reference[n].expand_as(p)) for n, p in mine.items())
 
 
 class SparseMoE(nn.Module):
@@ -88,7 +94,7 @@ class SparseMoE(nn.Module):
         self.capacity_factor, self.eval_capacity_factor, self.min_capacity = capacity_factor, eval_capacity_factor, min_capacity
         self.noisy_gate, self.use_z_loss = noisy_gate, z_loss
         self.experts = StackedFFN(ffn, num_experts)
-        width = self.experts.w_in.shape[1]
+        width = self.experts.w_out.shape[2]
         self.router = nn.Linear(width, num_experts, bias=False)
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.metrics: dict[str, torch.Tensor] = {}
