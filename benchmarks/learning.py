@@ -58,6 +58,9 @@ VARIANTS: dict[str, Variant] = {
     "matryoshka": Variant(["model.connector={preset: matryoshka, scales: [64, 16, 4, 1]}", "stages.sft.objective=matryoshka"],
                           "scales 64/16/4/1 of the 8×8 grid (pool kernels 1, 2, 4, 8); SFT averages the LM loss over scales",
                           [["connector.scale=16"], ["connector.scale=4"], ["connector.scale=1"]]),
+    "matryoshka_2": Variant(["model.connector={preset: matryoshka, scales: [64, 16]}", "stages.sft.objective=matryoshka"],
+                            "scales 64/16 only: the 2×2 and 1×1 budgets of an 8×8 grid keep little shape and take half "
+                            "the gradient", [["connector.scale=16"]]),
     "moe_mlp": Variant(["model.connector=moe_mlp", f"stages.align.aux_loss_coef={MOE_CONNECTOR_AUX}",
                         f"stages.sft.aux_loss_coef={MOE_CONNECTOR_AUX}"], "preset (4 experts, top-2), aux 0.1 / 0.01, from scratch"),
     "llm_moe": Variant([], "+ MoE stage: layer 0's FFN upcycled to 4 experts (top-2, capacity 1.5), FFNs + routers, 300 steps",
@@ -82,7 +85,8 @@ def run(name: str, root: Path) -> dict:
                 base = root / "mlp2x_gelu"
                 if not (base / "eval.json").is_file():
                     run("mlp2x_gelu", root)
-                shutil.copytree(base, run_dir, ignore=shutil.ignore_patterns("eval*.json", "checkpoints"))
+                shutil.copytree(base, run_dir, ignore=lambda d, names: [n for n in names if n == "checkpoints"
+                                                                        or (Path(d) == base and n.startswith("eval"))])
             flags = ["--stages", v.stage]
         subprocess.run([*cmd, "fit", "--recipe", v.recipe, "--run-dir", str(run_dir), *flags, "trainer.progress=false", *v.overrides],
                        check=True, env=env)
