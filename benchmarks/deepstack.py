@@ -11,10 +11,9 @@ Target: DeepStack ≤ 1.10× the plain step.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
-from timing import median_ms
+from timing import median_ms, timing_parser
 
 from mllm_kit import MLLM
 from mllm_kit.batch import IGNORE_INDEX, Batch
@@ -22,14 +21,11 @@ from mllm_kit.objectives.lm import LMObjective
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    parser = timing_parser(__doc__, steps=10, warmup=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--text-tokens", type=int, default=96)
     parser.add_argument("--llm-hidden", type=int, default=768)
     parser.add_argument("--llm-layers", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
 
     torch.manual_seed(0)

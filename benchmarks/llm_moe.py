@@ -11,10 +11,9 @@ experts and ≤ 2.2× the dense FFN.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
-from timing import median_ms
+from timing import median_ms, timing_parser
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -22,16 +21,13 @@ from mllm_kit.llm.moe import SparseMoE
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    parser = timing_parser(__doc__, steps=10, warmup=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--ffn", type=int, default=2816)
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
 
     torch.manual_seed(0)

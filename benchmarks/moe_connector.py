@@ -8,25 +8,21 @@ all tokens (what a naive implementation costs). Target: top-2 of 4 ≤ 0.65× th
 
 from __future__ import annotations
 
-import argparse
 
 import torch
-from timing import median_ms
+from timing import median_ms, timing_parser
 
 from mllm_kit.connectors.moe import MoEMLPConnector
 from mllm_kit.encoders.base import VisualFeatures
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    parser = timing_parser(__doc__, steps=20, warmup=3)
     parser.add_argument("--tokens", type=int, default=2304, help="tokens per batch (e.g. 4 images × 576)")
     parser.add_argument("--in-dim", type=int, default=512)
     parser.add_argument("--out-dim", type=int, default=1024)
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
 
     torch.manual_seed(0)

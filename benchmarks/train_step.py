@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+from timing import timing_parser
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SIZES = {
@@ -112,10 +114,7 @@ def run_variant(variant: str, size_name: str, device: str, steps: int, warmup: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser = timing_parser(__doc__, steps=30, warmup=5)
     parser.add_argument("--sizes", default="tiny,20M")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
