@@ -13,7 +13,7 @@ from __future__ import annotations
 
 
 import torch
-from timing import median_ms, timing_parser
+from timing import median_ms_each, timing_parser
 
 from mllm_kit import MLLM
 from mllm_kit.batch import IGNORE_INDEX, Batch
@@ -50,7 +50,7 @@ def main() -> None:
                            crop_grids=[(2, 2)] * args.batch).to(args.device),
     }
     objective = LMObjective()
-    results = {}
+    steps = {}
     for name, model in (("plain", plain), ("deepstack", deepstack)):
         trainable = [p for n_, p in model.named_parameters() if not n_.startswith("encoder.")]
         optimizer = torch.optim.AdamW(trainable, lr=1e-5)
@@ -61,7 +61,8 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        results[name] = median_ms(step, args.steps, args.warmup, args.device)
+        steps[name] = step
+    results = median_ms_each(steps, args.steps, args.warmup, args.device)
     llm_params = sum(p.numel() for p in deepstack.llm.parameters()) / 1e6
     enc_params = sum(p.numel() for p in deepstack.encoder.parameters()) / 1e6
     print(f"LLM {llm_params:.1f}M, encoder {enc_params:.1f}M, batch {args.batch} × {ids.shape[1]} tokens ({n} visual), {args.device}: "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 
 import torch
-from timing import median_ms, timing_parser
+from timing import median_ms_each, timing_parser
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -48,9 +48,8 @@ def main() -> None:
     def dense_ffn() -> None:
         dense(x).sum().backward()
 
-    t_routed = median_ms(routed, args.steps, args.warmup, args.device)
-    t_all = median_ms(all_experts, args.steps, args.warmup, args.device)
-    t_dense = median_ms(dense_ffn, args.steps, args.warmup, args.device)
+    times = median_ms_each({"routed": routed, "all": all_experts, "dense": dense_ffn}, args.steps, args.warmup, args.device)
+    t_routed, t_all, t_dense = times["routed"], times["all"], times["dense"]
     print(f"{args.tokens} tokens, D={args.hidden}, FFN {args.ffn}, top-{args.top_k} of {args.experts}, capacity 1.5 ({args.device}, {args.dtype}): "
           f"routed {t_routed:.1f} ms, all experts {t_all:.1f} ms, dense FFN {t_dense:.1f} ms; "
           f"routed/all {t_routed / t_all:.3f}, routed/dense {t_routed / t_dense:.3f}; dropped {moe.metrics['moe_dropped'].item():.3f}")

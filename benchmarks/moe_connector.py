@@ -10,7 +10,7 @@ from __future__ import annotations
 
 
 import torch
-from timing import median_ms, timing_parser
+from timing import median_ms_each, timing_parser
 
 from mllm_kit.connectors.moe import MoEMLPConnector
 from mllm_kit.encoders.base import VisualFeatures
@@ -39,8 +39,8 @@ def main() -> None:
         every = moe.experts(tokens.unsqueeze(0).expand(args.experts, -1, -1))  # [E, T, D]
         (every * probs.t().unsqueeze(-1)).sum(0).sum().backward()
 
-    t_routed = median_ms(routed, args.steps, args.warmup, args.device)
-    t_dense = median_ms(dense, args.steps, args.warmup, args.device)
+    times = median_ms_each({"routed": routed, "dense": dense}, args.steps, args.warmup, args.device)
+    t_routed, t_dense = times["routed"], times["dense"]
     print(f"{args.tokens} tokens, {args.in_dim}→{args.out_dim}, top-{args.top_k} of {args.experts} ({args.device}): "
           f"routed {t_routed:.1f} ms, all experts {t_dense:.1f} ms, ratio {t_routed / t_dense:.3f}")
 

@@ -1,4 +1,4 @@
-"""Shared timing for the benchmarks: median wall time of a callable, with device synchronisation."""
+"""Shared timing for the benchmarks: median wall times of callables run round-robin, with device synchronisation."""
 
 from __future__ import annotations
 
@@ -10,18 +10,26 @@ from collections.abc import Callable
 import torch
 
 
-def median_ms(fn: Callable[[], None], steps: int, warmup: int, device: str) -> float:
-    times = []
+def _seconds(fn: Callable[[], None], device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def median_ms_each(fns: dict[str, Callable[[], None]], steps: int, warmup: int, device: str) -> dict[str, float]:
+    """Median milliseconds of each callable, run round-robin so that drift in the machine's speed (other load,
+    clock changes) falls on all of them alike rather than on whichever ran last."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(steps + warmup):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        for name, fn in fns.items():
+            elapsed = _seconds(fn, device)
+            if i >= warmup:
+                times[name].append(elapsed)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def timing_parser(doc: str | None, steps: int, warmup: int) -> argparse.ArgumentParser:
