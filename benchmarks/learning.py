@@ -9,6 +9,7 @@ which. LLM-side variants add one stage (`recipes/quickstart_{moe,lora,lora_moe}.
 
     python benchmarks/learning.py                       # every variant (≈ 3-6 min each on 2 CPU cores)
     python benchmarks/learning.py qformer resampler     # some of them
+    python benchmarks/learning.py --seed 1 matryoshka   # another training seed (runs/learning/matryoshka-seed1)
     python benchmarks/learning.py --list
 
 Results go to `runs/learning/<variant>/` (the run) and `runs/learning/results.json`; a Markdown table is printed.
@@ -72,9 +73,14 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def run(name: str, root: Path) -> dict:
+def label(name: str, seed: int) -> str:
+    return name if seed == 0 else f"{name}-seed{seed}"
+
+
+def run(name: str, root: Path, seed: int = 0) -> dict:
     v = VARIANTS[name]
-    run_dir = root / name
+    run_dir = root / label(name, seed)
+    overrides = [*v.overrides, f"trainer.seed={seed}"]
     cmd = [sys.executable, "-m", "mllm_kit.cli"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     start = time.time()
@@ -82,16 +88,16 @@ def run(name: str, root: Path) -> dict:
         flags = ["--resume"] if (run_dir / "state.json").is_file() else []
         if v.stage is not None:
             if not (run_dir / "state.json").is_file():
-                base = root / "mlp2x_gelu"
+                base = root / label("mlp2x_gelu", seed)
                 if not (base / "eval.json").is_file():
-                    run("mlp2x_gelu", root)
+                    run("mlp2x_gelu", root, seed)
                 shutil.copytree(base, run_dir, ignore=lambda d, names: [n for n in names if n == "checkpoints"
                                                                         or (Path(d) == base and n.startswith("eval"))])
             flags = ["--stages", v.stage]
-        subprocess.run([*cmd, "fit", "--recipe", v.recipe, "--run-dir", str(run_dir), *flags, "trainer.progress=false", *v.overrides],
+        subprocess.run([*cmd, "fit", "--recipe", v.recipe, "--run-dir", str(run_dir), *flags, "trainer.progress=false", *overrides],
                        check=True, env=env)
     wall = time.time() - start
-    result = {"variant": name, "note": v.note, "wall_s": round(wall, 1), **json.loads((run_dir / "eval.json").read_text())}
+    result = {"variant": label(name, seed), "note": v.note, "wall_s": round(wall, 1), **json.loads((run_dir / "eval.json").read_text())}
     result["extra"] = {}
     for options in v.extra_evals:
         out = run_dir / ("-".join(["eval", *sorted(options)]) + ".json")
@@ -118,6 +124,7 @@ def main() -> None:
     parser.add_argument("variants", nargs="*", help="variants to run (default: all)")
     parser.add_argument("--root", default="runs/learning")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (the data and the held-out set stay fixed)")
     args = parser.parse_args()
     if args.list:
         print("\n".join(f"{k}: {v.note}" for k, v in VARIANTS.items()))
@@ -130,9 +137,10 @@ def main() -> None:
     store = root / "results.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
     for name in args.variants or list(VARIANTS):
-        results[name] = run(name, root)
+        key = label(name, args.seed)
+        results[key] = run(name, root, args.seed)
         store.write_text(json.dumps(results, indent=2) + "\n")
-        print(table([results[name]]), flush=True)
+        print(table([results[key]]), flush=True)
     print(table(list(results.values())))
 
 
