@@ -13,7 +13,8 @@ gather, no host sync.
 Gates (``gate``):
 
 * ``instance`` (Octavius): one gate per sample, computed once from the LLM's input embeddings of its
-  instruction — the prompt before the first answer, image and pad tokens excluded — and shared by every
+  instruction — the first user message's text tokens by themselves (no template, no image; the dataset supplies
+  them as ``instruction_ids``), else the prompt before the first answer — and shared by every
   wrapped layer: logits = mean_t(x_t)·W_g / τ (+ Gaussian noise ε in training), W_g ∈ ℝ^{D×E} ~ N(0, 1) (no bias);
   softmax; the top-k renormalised (g_i / (Σ_topk g + 1e-9)). Octavius averages over pad tokens too; here they
   are left out.
