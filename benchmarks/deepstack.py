@@ -18,6 +18,8 @@ from timing import median_ms_each, timing_parser
 from mllm_kit import MLLM
 from mllm_kit.batch import IGNORE_INDEX, Batch
 from mllm_kit.objectives.lm import LMObjective
+from mllm_kit.config import resolve_model
+from mllm_kit.tiny import tiny_tokenizer
 
 
 def main() -> None:
@@ -31,11 +33,11 @@ def main() -> None:
     torch.manual_seed(0)
     encoder = {"name": "hf_clip", "config": {"image_size": 128, "patch_size": 16, "hidden_size": 256, "intermediate_size": 1024,
                                              "num_hidden_layers": 4, "num_attention_heads": 4}}
-    llm = {"name": "hf_causal_lm", "tokenizer": "tiny",
+    llm = {"name": "hf_causal_lm", "tokenizer": str(tiny_tokenizer()),
            "config": {"model_type": "llama", "hidden_size": args.llm_hidden, "intermediate_size": 8 * args.llm_hidden // 3,
                       "num_hidden_layers": args.llm_layers, "num_attention_heads": args.llm_hidden // 64,
                       "num_key_value_heads": args.llm_hidden // 64}}
-    deepstack = MLLM.build(encoder, "deepstack", llm).to(args.device)
+    deepstack = MLLM.build(resolve_model(encoder, "deepstack", llm)).to(args.device)
     plain = MLLM(deepstack.encoder, deepstack.connector.inner, deepstack.llm)  # the same modules, no stacks
     n = deepstack.tokens_per_image()
     ids = torch.randint(10, 300, (args.batch, n + args.text_tokens))
@@ -56,7 +58,7 @@ def main() -> None:
         optimizer = torch.optim.AdamW(trainable, lr=1e-5)
 
         def step(model=model, optimizer=optimizer, batch=batches[name]) -> None:
-            loss = objective(model(batch), batch)["loss"]
+            loss = objective(model(batch), batch, None)["loss"]
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -68,7 +68,7 @@ def run_variant(variant: str, size_name: str, device: str, steps: int, warmup: i
     import torch
 
     from mllm_kit import Batch
-    from mllm_kit.hf_llava import from_hf_llava
+    from mllm_kit.interop.llava import from_hf_llava
     from mllm_kit.objectives.lm import LMObjective
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -100,7 +100,7 @@ def run_variant(variant: str, size_name: str, device: str, steps: int, warmup: i
                 loss = model(input_ids=ids, pixel_values=pixels, labels=labels).loss
             else:
                 batch = Batch(input_ids=ids, labels=labels, pixel_values=pixels, num_image_tokens=int(pixels.shape[0]) * model.tokens_per_image())
-                loss = objective(model(batch), batch)["loss"]
+                loss = objective(model(batch), batch, None)["loss"]
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -1,7 +1,5 @@
 """mllm-kit: assemble multimodal LLMs from swappable encoders, connectors and LLMs; train them with staged recipes."""
 
-from mllm_kit import connectors, encoders, llm, objectives  # noqa: F401  (registers the built-in components)
-from mllm_kit.data import templates  # noqa: F401  (registers the built-in templates)
 from mllm_kit.batch import IGNORE_INDEX, Batch
 from mllm_kit.model import MLLM, MLLMOutput
 

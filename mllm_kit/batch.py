@@ -20,9 +20,8 @@ class Batch:
     (counted on the host by the collator, so the model can check it without a device sync).
     Packed rows carry ``position_ids`` (restarting at 0 per sequence) and ``seq_lens`` (lengths of the
     sequences in each row); padded rows leave both ``None``.
-    ``num_loss_tokens``: supervised targets after the causal shift (host count); ``window_loss_tokens``: the
-    same summed over the micro-batches of this optimiser step on this rank. ``loss_normalizer`` is set by the
-    trainer: the global batch's supervised-token count, rescaled for accumulation and data parallelism.
+    ``num_loss_tokens``: supervised targets after the causal shift (host count). A batch is not changed after
+    collation; the trainer derives the loss normaliser from the loader's per-step counts.
     ``crop_pixel_values`` ``[Σ crops, 3, H, W]`` / ``crop_grids`` (one ``(rows, cols)`` per image): the
     high-resolution view, for connectors that read one (DeepStack).
     ``instruction_ids`` / ``instruction_mask`` ``[B, L]``: each sample's first user message by itself, for an
@@ -39,8 +38,6 @@ class Batch:
     seq_lens: list[list[int]] | None = None
     sample_ids: list[str] = field(default_factory=list)
     num_loss_tokens: int | None = None
-    window_loss_tokens: int | None = None
-    loss_normalizer: float | None = None
     crop_pixel_values: torch.Tensor | None = None
     crop_grids: list[tuple[int, int]] = field(default_factory=list)
     instruction_ids: torch.Tensor | None = None

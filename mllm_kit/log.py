@@ -1,8 +1,14 @@
-"""The one logging helper: ``get_logger(__name__)`` everywhere, rich output on a terminal."""
+"""The one logging helper: ``get_logger(__name__)`` everywhere, rich output on a terminal.
+
+Configuring it also silences the tqdm bars of transformers ("Loading weights", "Writing model shards") and
+huggingface_hub (downloads), so a run's console shows the log and the trainer's one progress display. Set
+``HF_HUB_DISABLE_PROGRESS_BARS=0`` to keep those bars.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 _ROOT = "mllm_kit"
@@ -25,7 +31,23 @@ def _configure() -> None:
             handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)
+    _silence_hf_progress_bars()
     _configured = True
+
+
+def _silence_hf_progress_bars() -> None:
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is not None:  # the user chose; both libraries follow it
+        return
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return
+    disable_progress_bars()  # covers hub downloads; transformers copies this state when it is imported
+    # transformers already imported: it keeps its own switch for the bars it draws (v5: modeling_utils'
+    # "Writing model shards", core_model_loading's "Loading weights").
+    disable = getattr(sys.modules.get("transformers.utils.logging"), "disable_progress_bar", None)
+    if disable is not None:
+        disable()
 
 
 def get_logger(name: str) -> logging.Logger:

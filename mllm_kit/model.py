@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,11 @@ from torch import nn
 from mllm_kit.batch import Batch
 from mllm_kit.connectors.base import Connector, ConnectorOutput, build_connector
 from mllm_kit.encoders.base import VisionEncoder
-from mllm_kit.encoders.image_transform import CropGridTransform, ImageTransform
+from mllm_kit.data.transforms import CropGridTransform, ImageTransform
 from mllm_kit.errors import ConfigError, MllmKitError
-from mllm_kit.io import atomic_dir
+from mllm_kit.files import atomic_dir
 from mllm_kit.llm.base import LanguageModel
-from mllm_kit.presets import resolve_spec
-from mllm_kit.registry import ENCODERS, LLMS, TRANSFORMS
+from mllm_kit.registry import ENCODERS, LLMS, TRANSFORMS, Registry
 
 MLLM_CONFIG = "mllm.json"
 CONNECTOR_WEIGHTS = "connector.safetensors"
@@ -77,11 +77,17 @@ class MLLM(nn.Module):
         return bool(self._context_modules)
 
     @classmethod
-    def build(cls, encoder: Mapping[str, Any] | str, connector: Mapping[str, Any] | str, llm: Mapping[str, Any] | str) -> MLLM:
-        """Build from component specs: a preset name, ``{"preset": name, **overrides}``,
-        ``{"name": registered_name, **options}`` or ``{"_target_": "pkg.mod.Class", **options}``."""
-        enc = ENCODERS.build(resolve_spec("encoders", encoder))
-        lm = LLMS.build(resolve_spec("llms", llm))
+    def build(cls, encoder: Any, connector: Mapping[str, Any] | str | None = None, llm: Mapping[str, Any] | str | None = None) -> MLLM:
+        """Build from resolved component specs — ``{"name": registered_name, **options}``, ``{"_target_":
+        "pkg.mod.Class", **options}`` or a registered name — or from one :class:`~mllm_kit.config.ModelSpec`.
+        Presets are expanded once, by :func:`mllm_kit.config.resolve_model` (recipe loading does it)::
+
+            MLLM.build(resolve_model("clip_vit_l14_336", "mlp2x_gelu", "vicuna_7b_v15"))
+        """
+        if connector is None and llm is None:  # a ModelSpec
+            encoder, connector, llm = encoder.encoder, encoder.connector, encoder.llm
+        enc = ENCODERS.build(_registered(ENCODERS, encoder, "encoders"))
+        lm = LLMS.build(_registered(LLMS, llm, "llms"))
         conn = build_connector(connector, [enc.embed_dim], lm.hidden_size, enc.grid)
         return cls(enc, conn, lm)
 
@@ -150,10 +156,6 @@ class MLLM(nn.Module):
         """N: visual tokens one image occupies in the LLM sequence."""
         return self.connector.num_tokens(self.encoder.num_tokens, self.encoder.grid)
 
-    @property
-    def image_transform(self) -> ImageTransform | CropGridTransform:
-        return self.make_image_transform()
-
     def make_image_transform(self, mode: str | None = None) -> ImageTransform | CropGridTransform:
         """The encoder's transform (``mode`` overrides its resize mode), with the high-resolution crops the
         connector reads when it reads any."""
@@ -163,6 +165,22 @@ class MLLM(nn.Module):
         if self.connector.num_crops:
             return CropGridTransform(transform, self.connector.num_crops)
         return transform
+
+    @contextlib.contextmanager
+    def connector_options(self, **options: Any) -> Iterator[None]:
+        """Set connector attributes for the passes inside the block (e.g. a Matryoshka ``scale``); restored after.
+        An objective that runs several passes per batch asks for them (see :meth:`Objective.passes`)."""
+        missing = [k for k in options if not hasattr(self.connector, k)]
+        if missing:
+            raise ConfigError(f"connector {type(self.connector).__name__} has no option(s) {missing} to set for a pass.")
+        previous = {k: getattr(self.connector, k) for k in options}
+        try:
+            for k, v in options.items():
+                setattr(self.connector, k, v)
+            yield
+        finally:
+            for k, v in previous.items():
+                setattr(self.connector, k, v)
 
     @property
     def tokenizer(self):
@@ -321,6 +339,13 @@ class MLLM(nn.Module):
             )
         finally:
             self.llm.injector.clear()
+
+
+def _registered(registry: Registry[Any], spec: Any, group: str) -> Any:
+    if isinstance(spec, str) and spec not in registry and "." not in spec:
+        raise ConfigError(f"{registry.kind} {spec!r} is not a registered name; if it is a preset, resolve it first: "
+                          f"mllm_kit.config.resolve_component({group!r}, {spec!r}) (or resolve_model for all three parts).")
+    return spec
 
 
 def _instruction(batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:

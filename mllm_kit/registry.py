@@ -1,21 +1,30 @@
-"""Typed, exact-name registries for every swappable part.
+"""Typed, exact-name registries for every swappable part, filled by presence.
 
 A component registers with a decorator::
 
     @register_connector("mlp")
     class MLPConnector(Connector): ...
 
-and a recipe names it (``name: mlp``) or points at any importable class
-(``_target_: my_pkg.connectors.MyConnector``) so user code needs no registration at all.
-Names match exactly: a duplicate registration and an unknown name are errors, the latter listing
-the valid names and the closest match.
+A module placed in one of the component packages (``mllm_kit/encoders``, ``connectors``, ``llm``, ``objectives``,
+and the templates of ``mllm_kit/data/templates.py``) is imported the first time any registry is read, so it registers
+without being listed anywhere. Other packages register through the ``mllm_kit.components`` entry-point group: each
+entry point names a module that is imported then (its decorators register its components)::
+
+    [project.entry-points."mllm_kit.components"]
+    my_pkg = "my_pkg.components"
+
+A recipe names a component (``name: mlp``) or points at any importable class (``_target_: my_pkg.MyConnector``), so
+user code need not register at all. Names match exactly: a duplicate registration and an unknown name are errors, the
+latter listing the valid names and the closest match.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+import pkgutil
+from collections.abc import Callable, Mapping
+from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
 from mllm_kit.errors import RegistryError, did_you_mean
@@ -24,6 +33,35 @@ T = TypeVar("T")
 
 TARGET_KEY = "_target_"
 NAME_KEY = "name"
+ENTRY_POINT_GROUP = "mllm_kit.components"
+# Where built-in components live; every module in these packages is imported on the first registry read.
+COMPONENT_PACKAGES = ("mllm_kit.encoders", "mllm_kit.connectors", "mllm_kit.llm", "mllm_kit.objectives", "mllm_kit.data.templates")
+
+_discovered = False
+_origin: str | None = None  # set while an entry point loads, so its components say which plugin they came from
+
+
+def discover() -> None:
+    """Import every built-in component module and every ``mllm_kit.components`` entry point (once)."""
+    global _discovered, _origin
+    if _discovered:
+        return
+    _discovered = True
+    for package in COMPONENT_PACKAGES:
+        module = importlib.import_module(package)
+        for info in pkgutil.iter_modules(getattr(module, "__path__", [])):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{package}.{info.name}")
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep.dist, "name", None) or ep.value
+        _origin = f"plugin {dist} ({ep.value})"
+        try:
+            ep.load()
+        except Exception as err:
+            raise RegistryError(f"entry point {ep.name!r} = {ep.value!r} of {dist} in group {ENTRY_POINT_GROUP!r} failed to "
+                                f"load: {type(err).__name__}: {err}") from err
+        finally:
+            _origin = None
 
 
 def import_target(path: str, *, what: str = "component") -> Any:
@@ -51,6 +89,7 @@ class Registry(Generic[T]):
         self.kind = kind
         self.base = base
         self._entries: dict[str, T] = {}
+        self._origins: dict[str, str] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
         if not isinstance(name, str) or not name:
@@ -63,12 +102,14 @@ class Registry(Generic[T]):
                     f"pick another name for {_qualname(obj)}."
                 )
             self._entries[name] = obj
+            self._origins[name] = _origin or getattr(obj, "__module__", "?")
             return obj
 
         return decorator
 
     def get(self, name: str) -> T:
         """The entry registered as exactly ``name``; a dotted path is imported instead."""
+        discover()
         if name in self._entries:
             return self._entries[name]
         if isinstance(name, str) and "." in name:
@@ -109,15 +150,20 @@ class Registry(Generic[T]):
         return obj
 
     def names(self) -> list[str]:
+        discover()
         return sorted(self._entries)
 
-    def items(self) -> Iterator[tuple[str, T]]:
-        return iter(sorted(self._entries.items()))
+    def origin(self, name: str) -> str:
+        """Where ``name`` was registered from: its module, or the plugin whose entry point registered it."""
+        discover()
+        return self._origins[name]
 
     def __contains__(self, name: object) -> bool:
+        discover()
         return name in self._entries
 
     def __len__(self) -> int:
+        discover()
         return len(self._entries)
 
 
@@ -161,7 +207,6 @@ LLMS: Registry[Any] = Registry("llm")
 OBJECTIVES: Registry[Any] = Registry("objective")
 TRANSFORMS: Registry[Any] = Registry("transform")
 TEMPLATES: Registry[Any] = Registry("template")
-DATASETS: Registry[Any] = Registry("dataset")
 
 register_encoder = ENCODERS.register
 register_connector = CONNECTORS.register
@@ -169,7 +214,6 @@ register_llm = LLMS.register
 register_objective = OBJECTIVES.register
 register_transform = TRANSFORMS.register
 register_template = TEMPLATES.register
-register_dataset = DATASETS.register
 
 REGISTRIES: dict[str, Registry[Any]] = {
     "encoders": ENCODERS,
@@ -178,5 +222,4 @@ REGISTRIES: dict[str, Registry[Any]] = {
     "objectives": OBJECTIVES,
     "transforms": TRANSFORMS,
     "templates": TEMPLATES,
-    "datasets": DATASETS,
 }

@@ -33,11 +33,11 @@ def _tiny_recipe(**stage_optim) -> dict:
     return {
         "name": "tiny",
         "model": {"encoder": tiny_encoder_spec("clip"), "connector": "mlp2x_gelu", "llm": tiny_llm_spec("llama")},
-        "data": {"template": "chatml", "max_length": 256,
+        "data": {"template": "chatml", "max_length": 256, "eval": "synthetic:eval",
                  "synthetic": {"num_align": 24, "num_sft": 24, "num_eval": 12, "image_size": 64}},
         "optim": optim,
         "trainer": {"progress": False, "log_every_n_steps": 1, "checkpoint_every_n_steps": 1},
-        "eval": {"data": "synthetic:eval", "max_new_tokens": 3, "batch_size": 6},
+        "eval": {"max_new_tokens": 3, "batch_size": 6},
         "stages": [
             {"name": "align", "trainable": ["connector"], "data": {"train": "synthetic:align", "template": "plain"}},
             {"name": "sft", "trainable": ["connector", "llm"], "data": {"train": "synthetic:sft"}},

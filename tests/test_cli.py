@@ -5,9 +5,9 @@ import json
 import pytest
 
 from mllm_kit import MLLM
-from mllm_kit.cli import main
-from mllm_kit.presets import list_presets
-from mllm_kit.recipe import load_recipe
+from mllm_kit.cli.main import main
+from mllm_kit.config.presets import list_presets
+from mllm_kit.config import load_recipe
 
 
 def test_recipes_lists_the_zoo(capsys):
@@ -42,10 +42,12 @@ def test_llava15_smoke_runs_every_stage(llava15_smoke):
 
 
 def test_eval_and_report(llava15_smoke, capsys):
-    assert main(["eval", "--run", str(llava15_smoke)]) == 0
+    assert main(["eval", "--run", str(llava15_smoke)]) == 2  # llava15 names no eval data, so there is nothing to evaluate
+    assert "names no eval data (data.eval)" in capsys.readouterr().err
+    assert main(["eval", "--run", str(llava15_smoke), "data.eval=synthetic:eval"]) == 0
     assert "held-out accuracy" in capsys.readouterr().out
-    result = json.loads((llava15_smoke / "eval.json").read_text())
-    assert result["stage"] == "sft" and result["num_samples"] == 16
+    result = json.loads((llava15_smoke / "eval-data.eval=synthetic:eval.json").read_text())
+    assert result["stage"] == "sft" and result["num_samples"] == 16 and result["loss"] > 0
     assert main(["report", str(llava15_smoke)]) == 0
     assert (llava15_smoke / "report.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -15,13 +15,14 @@ from transformers import AutoTokenizer
 
 from mllm_kit import MLLM, Batch
 from mllm_kit.batch import IGNORE_INDEX
-from mllm_kit.data import LengthGroupedSampler, LlavaDataset, PadCollator, Sample, load_records
+from mllm_kit.data import LlavaDataset, PadCollator, Sample, grouped_indices, load_records
 from mllm_kit.data.templates import Turn, get_template
 from mllm_kit.data.tokenize import ConversationEncoder
-from mllm_kit.encoders.image_transform import HALF, ImageTransform
+from mllm_kit.data.transforms import HALF, ImageTransform
 from mllm_kit.errors import ConfigError, DataError
 from mllm_kit.model import ImageTokenMismatch
 from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec, tiny_tokenizer
+from mllm_kit.config import resolve_model
 
 N = 4  # tokens per image for the model-free tests
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -402,7 +403,7 @@ def test_every_sample_too_long_raises(llava_dir, encoder, transform):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return MLLM.build(tiny_encoder_spec("clip"), {"name": "mlp", "depth": 2}, tiny_llm_spec("llama")).eval()
+    return MLLM.build(resolve_model(tiny_encoder_spec("clip"), {"name": "mlp", "depth": 2}, tiny_llm_spec("llama"))).eval()
 
 
 @pytest.fixture(scope="module")
@@ -412,7 +413,7 @@ def model_encoder(model):
 
 @pytest.fixture
 def model_dataset(llava_dir, model, model_encoder):
-    return LlavaDataset(write_json(llava_dir / "d.json", RECORDS), None, model_encoder, model.image_transform)
+    return LlavaDataset(write_json(llava_dir / "d.json", RECORDS), None, model_encoder, model.make_image_transform())
 
 
 def test_mixed_text_and_image_batch_forward(model, model_dataset):
@@ -431,7 +432,7 @@ def test_mixed_text_and_image_batch_forward(model, model_dataset):
 
 def test_text_only_training_batch_still_touches_the_vision_path(model_dataset):
     torch.manual_seed(0)
-    fresh = MLLM.build(tiny_encoder_spec("clip"), {"name": "mlp"}, tiny_llm_spec("llama")).train()
+    fresh = MLLM.build(resolve_model(tiny_encoder_spec("clip"), {"name": "mlp"}, tiny_llm_spec("llama"))).train()
     batch = PadCollator(fresh.tokenizer.pad_token_id)([model_dataset[2]])
     fresh(batch).logits.float().mean().backward()
     grads = [p.grad for p in fresh.connector.parameters()]
@@ -481,7 +482,7 @@ def test_visual_tokens_written_exactly_at_image_positions(model, model_dataset):
 def test_images_land_in_their_own_spans(model, model_dataset):
     """Sample 'two' has blue then green; images of every row must fill that row's spans in order."""
     batch = PadCollator(model.tokenizer.pad_token_id)([model_dataset[1], model_dataset[0]])
-    t = model.image_transform
+    t = model.make_image_transform()
     colours = {"blue": BLUE, "green": GREEN, "red": RED}
     expected_rows = [["blue", "green"], ["red"]]
     with torch.no_grad():
@@ -502,9 +503,8 @@ LENGTHS = [(-1 if i % 3 == 0 else 1) * (5 + (i * 37) % 91) for i in range(53)]
 
 
 def order_of(lengths, batch_size=4, world_size=2, seed=0, epoch=0, **kwargs) -> list[int]:
-    sampler = LengthGroupedSampler(lengths, batch_size=batch_size, world_size=world_size, seed=seed, **kwargs)
-    sampler.set_epoch(epoch)
-    return list(sampler)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return grouped_indices(lengths, batch_size, world_size, g, **kwargs)
 
 
 def check_grouping(lengths, order, mega) -> None:
@@ -521,7 +521,7 @@ def check_grouping(lengths, order, mega) -> None:
 
 def test_sampler_groups_by_modality_and_length():
     order = order_of(LENGTHS)
-    assert len(LengthGroupedSampler(LENGTHS, 4, 2)) == len(LENGTHS)
+    assert len(order) == len(LENGTHS)
     check_grouping(LENGTHS, order, 8)
 
 
@@ -530,11 +530,6 @@ def test_sampler_is_deterministic_per_seed_and_epoch():
     assert order_of(LENGTHS, epoch=3) == order_of(LENGTHS, epoch=3)
     assert order_of(LENGTHS, epoch=0) != order_of(LENGTHS, epoch=1)
     assert order_of(LENGTHS, seed=0) != order_of(LENGTHS, seed=5)
-    sampler = LengthGroupedSampler(LENGTHS, 4, 2, seed=0)
-    first = list(sampler)
-    assert list(sampler) == first, "iterating twice within an epoch must repeat the order"
-    sampler.set_epoch(1)
-    assert list(sampler) != first
 
 
 def test_sampler_without_modality_grouping_sorts_by_length():
@@ -543,12 +538,6 @@ def test_sampler_without_modality_grouping_sorts_by_length():
     for k in range(len(LENGTHS) // 5):
         sizes = [abs(LENGTHS[i]) for i in order[5 * k : 5 * k + 5]]
         assert sizes == sorted(sizes, reverse=True)
-
-
-@pytest.mark.parametrize(("batch_size", "world_size"), [(0, 1), (2, 0), (-1, 2)])
-def test_sampler_rejects_bad_sizes(batch_size, world_size):
-    with pytest.raises(ConfigError, match="batch_size and world_size must be positive"):
-        LengthGroupedSampler(LENGTHS, batch_size, world_size)
 
 
 @settings(deadline=None, max_examples=50)

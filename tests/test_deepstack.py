@@ -9,9 +9,10 @@ from mllm_kit import MLLM
 from mllm_kit.batch import Batch
 from mllm_kit.connectors.base import build_connector
 from mllm_kit.connectors.deepstack import build_stacks
-from mllm_kit.encoders.image_transform import CropGridTransform, ImageTransform, best_grid, crop_grids
+from mllm_kit.data.transforms import CropGridTransform, ImageTransform, best_grid, crop_grids
 from mllm_kit.errors import ConfigError
 from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec
+from mllm_kit.config import resolve_component, resolve_model
 
 
 def test_candidate_grids_and_best_fit():
@@ -71,19 +72,19 @@ def test_1d_and_grid_sampling():
 
 
 def test_clip_l336_preset_token_count_layers_and_parameters():
-    conn = build_connector("deepstack", [1024], 4096, (24, 24))
-    mlp = build_connector("mlp2x_gelu", [1024], 4096, (24, 24))
+    conn = build_connector(resolve_component("connectors", "deepstack"), [1024], 4096, (24, 24))
+    mlp = build_connector(resolve_component("connectors", "mlp2x_gelu"), [1024], 4096, (24, 24))
     assert conn.num_tokens(576, (24, 24)) == 576 and conn.layers == [1, 2, 3, 4] and conn.num_crops == 4
     assert sum(p.numel() for p in conn.parameters()) == sum(p.numel() for p in mlp.parameters())
     with pytest.raises(ConfigError, match="inner connector must keep"):
-        build_connector({"preset": "deepstack", "inner": "resampler"}, [1024], 4096, (24, 24))
+        build_connector(resolve_component("connectors", {"preset": "deepstack", "inner": "resampler"}), [1024], 4096, (24, 24))
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return MLLM.build(tiny_encoder_spec("clip"), {"preset": "deepstack", "start": 1, "interval": 2, "num_crops": 2},
-                      tiny_llm_spec("llama", num_layers=5)).eval()
+    return MLLM.build(resolve_model(tiny_encoder_spec("clip"), {"preset": "deepstack", "start": 1, "interval": 2, "num_crops": 2},
+                      tiny_llm_spec("llama", num_layers=5))).eval()
 
 
 def _inputs(model, pad_last: int = 2):
@@ -156,7 +157,7 @@ def test_cached_generation_equals_decoding_without_a_cache(model):
 
 
 def test_injection_into_a_missing_layer_is_a_clear_error():
-    model = MLLM.build(tiny_encoder_spec("clip"), "deepstack", tiny_llm_spec("llama"))  # 2 layers; stacks go to 1..4
+    model = MLLM.build(resolve_model(tiny_encoder_spec("clip"), "deepstack", tiny_llm_spec("llama")))  # 2 layers; stacks go to 1..4
     batch = _inputs(model)
     with pytest.raises(ConfigError, match="LLM has 2 decoder layers"):
         model(batch)
@@ -181,8 +182,8 @@ def test_deepstack_v_adds_crop_stacks_to_global_patch_tokens_inside_the_encoder(
     """DeepStack-V (§3.3): at block start+k the global views' patch tokens (not CLS, not the crops) get stack k,
     taken from the crops' patch tokens at the input of block start."""
     torch.manual_seed(0)
-    model = MLLM.build(tiny_encoder_spec("clip", num_layers=4), {"name": "deepstack_vit", "num_crops": 2, "start": 1},
-                       tiny_llm_spec("llama")).eval()
+    model = MLLM.build(resolve_model(tiny_encoder_spec("clip", num_layers=4), {"name": "deepstack_vit", "num_crops": 2, "start": 1},
+                       tiny_llm_spec("llama"))).eval()
     assert model.tokens_per_image() == 16 and model.connector.num_crops == 2
     g = torch.Generator().manual_seed(3)
     pixels, crops, grids = torch.randn(2, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g), [(1, 2), (2, 1)]
@@ -214,5 +215,5 @@ def test_deepstack_v_adds_crop_stacks_to_global_patch_tokens_inside_the_encoder(
     plain = model.connector.inner([model.encoder(pixels)]).tokens
     assert (plain - out.tokens).abs().max() > 1e-4  # the stacks changed what the LLM sees
     with pytest.raises(ConfigError, match="encoder has 4 blocks"):
-        bad = MLLM.build(tiny_encoder_spec("clip", num_layers=4), {"name": "deepstack_vit", "num_crops": 4, "start": 2}, tiny_llm_spec("llama"))
+        bad = MLLM.build(resolve_model(tiny_encoder_spec("clip", num_layers=4), {"name": "deepstack_vit", "num_crops": 4, "start": 2}, tiny_llm_spec("llama")))
         bad.encode_images(pixels, crop_pixel_values=crops, crop_grids=grids)

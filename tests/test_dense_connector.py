@@ -8,8 +8,8 @@ from mllm_kit.connectors.dense import DenseConnector
 from mllm_kit.encoders.base import VisualFeatures
 from mllm_kit.errors import ConfigError
 from mllm_kit.registry import CONNECTORS
-from mllm_kit.presets import resolve_spec
 from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec
+from mllm_kit.config import resolve_component, resolve_model
 
 C, D, N = 1024, 32, 576  # CLIP-L/336 width and tokens; a small LLM width keeps the test light
 
@@ -22,7 +22,7 @@ def clip_l_features(n_img: int = 1) -> VisualFeatures:
 
 
 def build(preset: str) -> DenseConnector:
-    return CONNECTORS.build(resolve_spec("connectors", preset), in_dims=[C], out_dim=D)
+    return CONNECTORS.build(resolve_component("connectors", preset), in_dims=[C], out_dim=D)
 
 
 def test_dci_concatenates_two_group_means_with_the_final_feature():
@@ -72,7 +72,7 @@ def test_bad_options():
 
 @pytest.mark.parametrize("preset", ["dense_dci", "dense_sti", "dense_sci"])
 def test_dense_presets_run_in_a_model_with_a_shallow_encoder(preset):
-    model = MLLM.build(tiny_encoder_spec("clip"), preset, tiny_llm_spec("llama"))
+    model = MLLM.build(resolve_model(tiny_encoder_spec("clip"), preset, tiny_llm_spec("llama")))
     n = model.tokens_per_image()
     assert n == (16 + 2 * (16 // 8) if preset == "dense_sti" else 16)
     out = model.encode_images(torch.randn(2, 3, 32, 32))

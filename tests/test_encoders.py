@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from mllm_kit.encoders.hf import CLIPEncoder, DINOv2Encoder, SigLIPEncoder
-from mllm_kit.encoders.image_transform import CLIP_MEAN, CLIP_STD, HALF, IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+from mllm_kit.data.transforms import CLIP_MEAN, CLIP_STD, HALF, IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from mllm_kit.encoders.timm_vit import TimmVisionEncoder
 from mllm_kit.errors import ConfigError
 from mllm_kit.registry import ENCODERS

@@ -6,9 +6,9 @@ import re
 import torch
 
 from mllm_kit import MLLM
-from mllm_kit.cli import main
+from mllm_kit.cli.main import main
 from mllm_kit.llm.moe import SparseMoE
-from mllm_kit.recipe import load_recipe
+from mllm_kit.config import load_recipe
 
 
 def test_recipe_carries_the_papers_hyper_parameters():
@@ -40,8 +40,8 @@ def test_smoke_run_trains_only_ffns_and_routers_in_the_moe_stage(tmp_path):
             changed_ffn += not torch.equal(param, dense[name])
     for i in upcycled:  # experts started as copies of the dense FFN and then trained
         experts = moe_model.llm.decoder_layers[i].mlp.experts
-        w_in = experts.w_gate if experts.gated else experts.w_in  # Phi-2's FFN is fc1/fc2
-        assert not torch.equal(w_in[0], w_in[1]) or not torch.equal(experts.w_out[0], experts.w_out[1])
+        w_in, w_out = experts.weights[0], experts.weights[-1]  # gate (or Phi-2's fc1) and down (fc2)
+        assert not torch.equal(w_in[0], w_in[1]) or not torch.equal(w_out[0], w_out[1])
     assert changed_ffn > 0
 
     header = (tmp_path / "moe" / "logs" / "metrics.csv").read_text().splitlines()[0]

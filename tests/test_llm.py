@@ -10,6 +10,7 @@ from mllm_kit import MLLM, Batch
 from mllm_kit.errors import ConfigError
 from mllm_kit.llm.hf import HFCausalLM
 from mllm_kit.tiny import LLM_FAMILIES, tiny_encoder_spec, tiny_llm, tiny_tokenizer
+from mllm_kit.config import resolve_model
 
 VOCAB = 384  # the tiny tokenizer's size; <image> and every template control token are already in it
 LAYER_CLS = {
@@ -195,7 +196,7 @@ def mllms():
     out = {}
     for family in LLM_FAMILIES:
         torch.manual_seed(0)
-        out[family] = MLLM.build(enc, {"name": "mlp", "depth": 2}, {"name": "hf_causal_lm", "path": str(tiny_llm(family))}).eval()
+        out[family] = MLLM.build(resolve_model(enc, {"name": "mlp", "depth": 2}, {"name": "hf_causal_lm", "path": str(tiny_llm(family))})).eval()
     return out
 
 

@@ -10,8 +10,9 @@ from mllm_kit import MLLM
 from mllm_kit.batch import Batch
 from mllm_kit.errors import ConfigError
 from mllm_kit.llm.moe import SparseMoE, UpcycleMoE, moe_layer_indices
-from mllm_kit.routing import balance_loss, dispatch, route, z_loss
+from mllm_kit.layers.routing import balance_loss, dispatch, route, z_loss
 from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec
+from mllm_kit.config import resolve_model
 
 
 def _batch(model, rows=2):
@@ -27,7 +28,7 @@ def _batch(model, rows=2):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3", "phi"])
 def test_upcycled_model_gives_the_dense_logits(family):
     torch.manual_seed(0)
-    model = MLLM.build(tiny_encoder_spec("clip"), "mlp2x_gelu", tiny_llm_spec(family, num_layers=4)).eval()
+    model = MLLM.build(resolve_model(tiny_encoder_spec("clip"), "mlp2x_gelu", tiny_llm_spec(family, num_layers=4))).eval()
     batch = _batch(model)
     with torch.no_grad():
         dense = model(batch).logits
@@ -111,7 +112,7 @@ def test_training_drops_overflow_and_reports_it():
 
 
 def test_upcycle_rejects_what_it_cannot_do():
-    model = MLLM.build(tiny_encoder_spec("clip"), "mlp2x_gelu", tiny_llm_spec("llama"))
+    model = MLLM.build(resolve_model(tiny_encoder_spec("clip"), "mlp2x_gelu", tiny_llm_spec("llama")))
     UpcycleMoE(layers=[0])(model)
     with pytest.raises(ConfigError, match="already a mixture of experts"):
         UpcycleMoE(layers=[0])(model)
@@ -121,7 +122,7 @@ def test_upcycle_rejects_what_it_cannot_do():
 
 def test_upcycled_model_saves_and_reloads(tmp_path):
     torch.manual_seed(0)
-    model = MLLM.build(tiny_encoder_spec("clip"), "mlp2x_gelu", tiny_llm_spec("qwen2", num_layers=2))
+    model = MLLM.build(resolve_model(tiny_encoder_spec("clip"), "mlp2x_gelu", tiny_llm_spec("qwen2", num_layers=2)))
     UpcycleMoE(layers="all", num_experts=3, top_k=2)(model)
     with torch.no_grad():  # make the experts differ, as training would
         for p in model.llm.model.parameters():

@@ -14,11 +14,12 @@ from mllm_kit.batch import IGNORE_INDEX, Batch
 from mllm_kit.data.collate import PadCollator
 from mllm_kit.errors import ConfigError
 from mllm_kit.llm.lora_moe import InstructionGate, LoRAMoELinear, top_k_gate
-from mllm_kit.recipe import DataSpec
+from mllm_kit.config.recipe import DataSpec
 from mllm_kit.registry import TRANSFORMS
 from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec
 from mllm_kit.training.data import build_dataset
 from mllm_kit.training.trainable import apply_trainable
+from mllm_kit.config import resolve_model
 
 ATTENTION = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
              "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"], "phi3": ["qkv_proj", "o_proj"], "phi": ["q_proj", "k_proj", "v_proj", "dense"]}
@@ -26,7 +27,7 @@ ATTENTION = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "qwen2": ["q_pro
 
 def _model(family="llama"):
     torch.manual_seed(0)
-    return MLLM.build(tiny_encoder_spec("clip"), "mlp2x_gelu", tiny_llm_spec(family)).eval()
+    return MLLM.build(resolve_model(tiny_encoder_spec("clip"), "mlp2x_gelu", tiny_llm_spec(family))).eval()
 
 
 def _batch(model):

@@ -11,6 +11,7 @@ from mllm_kit.connectors.moe import MoEMLPConnector, UpcycleConnector, balance_l
 from mllm_kit.encoders.base import VisualFeatures
 from mllm_kit.errors import ConfigError
 from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec
+from mllm_kit.config import resolve_model
 
 
 def _features(x: torch.Tensor) -> list[VisualFeatures]:
@@ -48,7 +49,7 @@ def test_dispatch_matches_the_per_token_definition(top_k):
 
 def test_upcycled_connector_equals_the_dense_mlp():
     torch.manual_seed(0)
-    model = MLLM.build(tiny_encoder_spec("clip"), "mlp2x_gelu", tiny_llm_spec("llama"))
+    model = MLLM.build(resolve_model(tiny_encoder_spec("clip"), "mlp2x_gelu", tiny_llm_spec("llama")))
     dense = model.connector
     x = torch.randn(2, 16, 64)
     expected = dense(_features(x)).tokens
@@ -64,7 +65,7 @@ def test_upcycled_connector_equals_the_dense_mlp():
 
 def test_upcycled_model_saves_and_reloads(tmp_path):
     torch.manual_seed(0)
-    model = MLLM.build(tiny_encoder_spec("clip"), "mlp2x_gelu", tiny_llm_spec("llama"))
+    model = MLLM.build(resolve_model(tiny_encoder_spec("clip"), "mlp2x_gelu", tiny_llm_spec("llama")))
     UpcycleConnector()(model)
     model.save_pretrained(tmp_path / "m")
     again = MLLM.from_pretrained(tmp_path / "m")
@@ -99,10 +100,10 @@ def test_connector_reports_aux_losses_and_trains_the_router():
 def test_bad_options_are_clear_errors():
     with pytest.raises(ConfigError, match="top_k"):
         MoEMLPConnector([8], 6, num_experts=2, top_k=3)
-    identity = MLLM.build(tiny_encoder_spec("clip"), "identity", tiny_llm_spec("llama"))
+    identity = MLLM.build(resolve_model(tiny_encoder_spec("clip"), "identity", tiny_llm_spec("llama")))
     with pytest.raises(ConfigError, match="upcycle needs an 'mlp' connector, found IdentityConnector"):
         UpcycleConnector()(identity)
-    linear = MLLM.build(tiny_encoder_spec("clip"), "linear", tiny_llm_spec("llama"))
+    linear = MLLM.build(resolve_model(tiny_encoder_spec("clip"), "linear", tiny_llm_spec("llama")))
     assert isinstance(linear.connector, MLPConnector)
     UpcycleConnector(num_experts=2, top_k=1)(linear)  # a linear connector is a depth-1 MLP and upcycles too
     assert linear.connector.depth == 1

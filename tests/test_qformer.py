@@ -8,9 +8,9 @@ from mllm_kit import MLLM
 from mllm_kit.connectors.qformer import QFormerConnector
 from mllm_kit.encoders.base import VisualFeatures
 from mllm_kit.errors import ConfigError
-from mllm_kit.presets import resolve_spec
 from mllm_kit.registry import CONNECTORS
 from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec
+from mllm_kit.config import resolve_component, resolve_model
 
 
 def _features(x):
@@ -27,7 +27,7 @@ def _linear(i, o):
 
 def test_blip2_preset_shapes_and_cross_attention_layers():
     """EVA ViT-g width 1408 → 32 tokens; cross-attention on layers 0, 2, ..., 10 (layer_idx % 2 == 0)."""
-    conn = CONNECTORS.build(resolve_spec("connectors", "qformer"), in_dims=[1408], out_dim=4096)
+    conn = CONNECTORS.build(resolve_component("connectors", "qformer"), in_dims=[1408], out_dim=4096)
     assert conn.num_tokens(257, (16, 16)) == 32
     layers = conn.qformer.encoder.layer
     assert [i for i, layer in enumerate(layers) if layer.has_cross_attention] == [0, 2, 4, 6, 8, 10]
@@ -41,7 +41,7 @@ def test_blip2_preset_shapes_and_cross_attention_layers():
 
 def test_blip2_parameter_count_matches_the_formula():
     c, h, ffn, layers, q, d = 1408, 768, 3072, 12, 32, 4096
-    conn = CONNECTORS.build(resolve_spec("connectors", "qformer"), in_dims=[c], out_dim=d)
+    conn = CONNECTORS.build(resolve_component("connectors", "qformer"), in_dims=[c], out_dim=d)
     ln = 2 * h
     self_attn = 3 * _linear(h, h) + _linear(h, h) + ln
     cross_attn = _linear(h, h) + 2 * _linear(c, h) + _linear(h, h) + ln
@@ -52,7 +52,7 @@ def test_blip2_parameter_count_matches_the_formula():
 
 def test_light_preset_runs_at_llm_width_with_pre_and_post_mlps():
     c, d = 1024, 4096
-    conn = CONNECTORS.build(resolve_spec("connectors", "qformer_light"), in_dims=[c], out_dim=d)
+    conn = CONNECTORS.build(resolve_component("connectors", "qformer_light"), in_dims=[c], out_dim=d)
     cfg = conn.qformer.config
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.cross_attention_frequency) == (d, 32, 11008, 1)
     assert cfg.encoder_hidden_size == d and cfg.layer_norm_eps == 1e-12
@@ -97,8 +97,8 @@ def test_bad_widths_are_rejected():
 
 
 def test_qformer_model_trains_end_to_end():
-    model = MLLM.build(tiny_encoder_spec("clip"), {"preset": "qformer", "num_queries": 6, "num_layers": 2, "hidden": 32,
-                                                   "heads": 4, "intermediate_size": 64}, tiny_llm_spec("llama"))
+    model = MLLM.build(resolve_model(tiny_encoder_spec("clip"), {"preset": "qformer", "num_queries": 6, "num_layers": 2, "hidden": 32,
+                                                   "heads": 4, "intermediate_size": 64}, tiny_llm_spec("llama")))
     assert model.tokens_per_image() == 6
     tokens = model.encode_images(torch.randn(2, 3, 32, 32)).tokens
     assert tokens.shape == (2, 6, model.llm.hidden_size)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mllm_kit.cli import main
+from mllm_kit.cli.main import main
 
 CHANCE = {"color": 1 / 6, "shape": 1 / 3}
 

@@ -8,12 +8,14 @@ import torch
 from mllm_kit import MLLM
 from mllm_kit.connectors.base import build_connector
 from mllm_kit.registry import ENCODERS
+from mllm_kit.config import resolve_component, resolve_model
+from mllm_kit.tiny import tiny_tokenizer
 
 # openai/clip-vit-large-patch14-336 vision config and lmsys/vicuna-7b-v1.5 (Llama-2-7B) config, as published.
 CLIP_L_336 = {"name": "hf_clip", "select_layer": -2, "config": {
     "image_size": 336, "patch_size": 14, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
     "num_attention_heads": 16, "projection_dim": 768}}
-VICUNA_7B = {"name": "hf_causal_lm", "tokenizer": "tiny", "config": {
+VICUNA_7B = {"name": "hf_causal_lm", "tokenizer": None, "config": {
     "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
     "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096}}
 C, D = 1024, 4096
@@ -23,14 +25,14 @@ MLP = (C * D + D) + (D * D + D)  # mlp2x_gelu: Linear(C→D) · GELU · Linear(D
 @pytest.fixture(scope="module")
 def encoder_and_llm():
     with torch.device("meta"):
-        model = MLLM.build(CLIP_L_336, "mlp2x_gelu", VICUNA_7B)
+        model = MLLM.build(resolve_model(CLIP_L_336, "mlp2x_gelu", {**VICUNA_7B, "tokenizer": str(tiny_tokenizer())}))
     return model
 
 
 def _build(model, connector, encoder=None):
     with torch.device("meta"):
         enc = model.encoder if encoder is None else encoder
-        return MLLM(enc, build_connector(connector, [enc.embed_dim], model.llm.hidden_size, enc.grid), model.llm)
+        return MLLM(enc, build_connector(resolve_component("connectors", connector), [enc.embed_dim], model.llm.hidden_size, enc.grid), model.llm)
 
 
 def _params(module) -> int:

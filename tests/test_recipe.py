@@ -4,8 +4,9 @@ import pytest
 import yaml
 
 from mllm_kit.errors import ConfigError
-from mllm_kit.recipe import accumulation_steps, load_recipe, recipe_from_dict
-from mllm_kit.training.runner import RunState, prepare_stage
+from mllm_kit.config import load_recipe, recipe_from_dict, resolve_component
+from mllm_kit.training.runner import prepare_stage
+from mllm_kit.training.state import RunState
 
 
 def _write(tmp_path, data):
@@ -55,7 +56,8 @@ def test_zoo_recipes_load():
     assert sft.optim.warmup_ratio == 0.03 and sft.optim.weight_decay == 0.0 and sft.optim.schedule == "cosine"
     assert sft.trainable == ["connector", "llm"] and align.trainable == ["connector"]
     dense = load_recipe("dense_connector")
-    assert dense.model.connector == "dense_dci" and dense.model.encoder == "clip_vit_l14_336"
+    assert dense.model.connector == resolve_component("connectors", "dense_dci")
+    assert dense.model.encoder == resolve_component("encoders", "clip_vit_l14_336")
     assert [(s.name, s.optim.lr, s.optim.global_batch_size) for s in dense.stages] == [("align", 1e-3, 256), ("sft", 2e-5, 128)]
     honeybee = load_recipe("honeybee")
     pre, ft = honeybee.stages
@@ -66,9 +68,10 @@ def test_zoo_recipes_load():
     assert (align.optim.lr, align.optim.betas, align.optim.weight_decay, align.optim.warmup_steps) == (1e-4, [0.9, 0.98], 0.05, 2000)
     assert (align.optim.min_lr_ratio, align.optim.global_batch_size, align.trainable) == (0.1, 1920, ["connector"])
     deepstack = load_recipe("deepstack")
-    assert deepstack.model.connector == "deepstack" and [s.optim.lr for s in deepstack.stages] == [1e-3, 2e-5]
+    assert deepstack.model.connector["name"] == "deepstack" and [s.optim.lr for s in deepstack.stages] == [1e-3, 2e-5]
+    assert deepstack.model.connector["inner"] == {"name": "mlp", "depth": 2, "act": "gelu"}  # the nested preset, expanded
     m3 = load_recipe("matryoshka")
-    assert [s.objective for s in m3.stages] == ["lm", "matryoshka"] and m3.model.connector == "matryoshka"
+    assert [s.objective for s in m3.stages] == [{"name": "lm"}, {"name": "matryoshka"}] and m3.model.connector["name"] == "matryoshka"
     assert (m3.stage("sft").optim.global_batch_size, m3.stage("sft").optim.weight_decay, m3.stage("sft").data.max_length) == (128, 0.0, 2048)
     octavius = load_recipe("octavius")
     (instruct,) = octavius.stages
@@ -76,7 +79,7 @@ def test_zoo_recipes_load():
                                     "num_experts": 4, "top_k": 2, "r": 32, "alpha": 32, "dropout": 0.1, "gate": "instance"}]
     o = instruct.optim
     assert (o.lr, o.betas, o.weight_decay, o.global_batch_size, o.epochs, o.warmup_ratio) == (5e-4, [0.9, 0.95], 1e-3, 64, 2, 0.1)
-    assert instruct.trainable == ["connector", "re:lora_", "llm.lora_moe_gate"] and octavius.model.connector == "linear"
+    assert instruct.trainable == ["connector", "re:lora_", "llm.lora_moe_gate"] and octavius.model.connector["name"] == "linear"
     cumo = load_recipe("cumo")
     assert [s.optim.lr for s in cumo.stages] == [1e-3, 2e-6, 4e-6]
     assert cumo.stage("sft").transforms == [{"name": "upcycle", "num_experts": 4, "top_k": 2}]
@@ -104,12 +107,12 @@ def test_recipe_errors_name_the_key_path(mutate, message, tiny_recipe):
         recipe_from_dict(data)
 
 
-def test_unknown_preset_suggests_the_closest(tmp_path, tiny_recipe):
+def test_unknown_preset_suggests_the_closest(tiny_recipe):
     data = tiny_recipe()
     data["model"]["connector"] = "mlp2x_gelo"
-    recipe = recipe_from_dict(data)
-    with pytest.raises(ConfigError, match=r"unknown connector preset 'mlp2x_gelo'\. Did you mean 'mlp2x_gelu'"):
-        prepare_stage(recipe, 0, tmp_path, RunState.load(tmp_path))
+    with pytest.raises(ConfigError, match=r"model\.connector: 'mlp2x_gelo' is neither a connector preset nor a registered connector\. "
+                                          r"Did you mean 'mlp2x_gelu'"):
+        recipe_from_dict(data)
 
 
 def test_unknown_recipe_name():
@@ -118,10 +121,12 @@ def test_unknown_recipe_name():
 
 
 def test_global_batch_must_divide(tiny_recipe):
-    recipe = recipe_from_dict(tiny_recipe(global_batch_size=6, micro_batch_size=4))
-    with pytest.raises(ConfigError, match=r"global_batch_size=6 is not divisible by micro_batch_size × world size = 4 × 2"):
-        accumulation_steps(recipe.stages[0].optim, world_size=2, path="stages[0].optim")
-    assert accumulation_steps(recipe_from_dict(tiny_recipe(global_batch_size=16, micro_batch_size=2)).stages[0].optim, 2) == 4
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.optim\.global_batch_size=6 is not divisible by micro_batch_size × world size = 4 × 1"):
+        recipe_from_dict(tiny_recipe(global_batch_size=6, micro_batch_size=4))
+    optim = recipe_from_dict(tiny_recipe(global_batch_size=16, micro_batch_size=4)).stages[0].optim
+    with pytest.raises(ConfigError, match=r"global_batch_size=16 is not divisible by micro_batch_size × world size = 4 × 3 = 12"):
+        optim.accumulation(3)
+    assert optim.accumulation(2) == 2
 
 
 def test_trainable_pattern_that_matches_nothing(tmp_path, tiny_recipe):
@@ -149,3 +154,35 @@ def test_base_recipe_merges_and_cycles_are_errors(tmp_path, tiny_recipe):
     b.write_text(yaml.safe_dump({"base": str(a), "name": "b"}))
     with pytest.raises(ConfigError, match="base recipes form a cycle"):
         load_recipe(str(a))
+
+
+def test_interpolation_sees_expanded_presets_and_the_tiny_tokenizer(tmp_path):
+    """${...} resolves over the whole tree after presets expanded; ${tiny_tokenizer:} is a directory path."""
+    from mllm_kit.tiny import tiny_tokenizer
+
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "name: interp\n"
+        "model:\n"
+        "  encoder: {preset: clip_vit_l14_336}\n"
+        "  connector: {preset: mlp2x_gelu, depth: '${model.connector_depth}'}\n"
+        "  connector_depth: 3\n"
+        "  llm:\n"
+        "    name: hf_causal_lm\n"
+        "    config: {model_type: llama, hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, max_position_embeddings: 384}\n"
+        "    tokenizer: ${tiny_tokenizer:}\n"
+        "    family: ${model.encoder.name}\n"
+        "data:\n"
+        "  train: data/mine/train.json\n"
+        "  eval: ${data.train}\n"
+        "  max_length: ${model.llm.config.max_position_embeddings}\n"
+        "stages:\n  - {name: sft, trainable: [connector]}\n"
+    )
+    with pytest.raises(ConfigError, match=r"model\.connector_depth: unknown key"):
+        load_recipe(str(path))
+    path.write_text(path.read_text().replace("'${model.connector_depth}'", "3").replace("  connector_depth: 3\n", ""))
+    recipe = load_recipe(str(path))
+    sft = recipe.stage("sft")
+    assert (sft.data.eval, sft.data.max_length) == ("data/mine/train.json", 384)
+    assert recipe.model.llm["tokenizer"] == str(tiny_tokenizer()) and recipe.model.llm["family"] == "hf_clip"  # the preset's name
+    assert recipe.model.connector == {"name": "mlp", "depth": 3, "act": "gelu"}

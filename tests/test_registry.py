@@ -12,10 +12,11 @@ from mllm_kit.connectors.base import Connector, ConnectorOutput
 from mllm_kit.connectors.mlp import IdentityConnector, LinearConnector, MLPConnector
 from mllm_kit.encoders.hf import CLIPEncoder, DINOv2Encoder, SigLIPEncoder
 from mllm_kit.encoders.timm_vit import TimmVisionEncoder
-from mllm_kit.errors import RegistryError
+from mllm_kit.errors import ConfigError, RegistryError
 from mllm_kit.llm.hf import HFCausalLM
 from mllm_kit.registry import CONNECTORS, ENCODERS, LLMS, TEMPLATES, Registry
 from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec
+from mllm_kit.config import resolve_model
 
 SCALED = f"{__name__}.ScaledMLP"
 
@@ -279,8 +280,8 @@ def test_kwargs_constructor_receives_free_options():
 @pytest.fixture(scope="module")
 def plain_and_scaled():
     enc, llm = tiny_encoder_spec("clip"), tiny_llm_spec("llama")
-    plain = MLLM.build(enc, {"name": "mlp", "depth": 2}, llm).eval()
-    scaled = MLLM.build(enc, {"_target_": SCALED, "depth": 2, "scale": 3.0}, llm).eval()
+    plain = MLLM.build(resolve_model(enc, {"name": "mlp", "depth": 2}, llm)).eval()
+    scaled = MLLM.build(resolve_model(enc, {"_target_": SCALED, "depth": 2, "scale": 3.0}, llm)).eval()
     scaled.connector.load_state_dict(plain.connector.state_dict())
     return plain, scaled
 
@@ -329,3 +330,5 @@ def test_user_target_connector_forward_scales_visual_tokens(plain_and_scaled):
 def test_supplied_option_rejected_through_mllm_build():
     with pytest.raises(RegistryError, match="option 'in_dims' is set by mllm-kit itself"):
         MLLM.build(tiny_encoder_spec("clip"), {"name": "mlp", "in_dims": [64]}, tiny_llm_spec("llama"))
+    with pytest.raises(ConfigError, match=r"model\.connector: option 'in_dims' is set by mllm-kit itself"):  # and at recipe load
+        resolve_model(tiny_encoder_spec("clip"), {"name": "mlp", "in_dims": [64]}, tiny_llm_spec("llama"))

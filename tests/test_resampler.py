@@ -7,9 +7,9 @@ import torch
 from mllm_kit import MLLM
 from mllm_kit.connectors.resampler import PerceiverAttention, PerceiverResampler
 from mllm_kit.encoders.base import VisualFeatures
-from mllm_kit.presets import resolve_spec
 from mllm_kit.registry import CONNECTORS
 from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec
+from mllm_kit.config import resolve_component, resolve_model
 
 
 def _features(x):
@@ -17,7 +17,7 @@ def _features(x):
 
 
 def test_resampler_emits_num_latents_tokens_for_any_input():
-    conn = CONNECTORS.build(resolve_spec("connectors", "resampler"), in_dims=[48], out_dim=32)
+    conn = CONNECTORS.build(resolve_component("connectors", "resampler"), in_dims=[48], out_dim=32)
     assert conn.num_tokens(576, (24, 24)) == 64 and conn.num_tokens(729, (27, 27)) == 64
     out = conn(_features(torch.randn(3, 100, 48))).tokens
     assert out.shape == (3, 64, 32)
@@ -48,7 +48,7 @@ def test_attention_keys_are_media_and_latents():
 
 
 def test_resampler_in_a_model_reads_the_image():
-    model = MLLM.build(tiny_encoder_spec("clip"), {"preset": "resampler", "num_latents": 8, "num_layers": 2}, tiny_llm_spec("llama"))
+    model = MLLM.build(resolve_model(tiny_encoder_spec("clip"), {"preset": "resampler", "num_latents": 8, "num_layers": 2}, tiny_llm_spec("llama")))
     assert model.tokens_per_image() == 8
     a = model.encode_images(torch.randn(1, 3, 32, 32)).tokens
     b = model.encode_images(torch.randn(1, 3, 32, 32)).tokens

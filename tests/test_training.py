@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from mllm_kit.data.collate import PadCollator
 from mllm_kit.objectives.base import shifted_token_ce
-from mllm_kit.recipe import recipe_from_dict
+from mllm_kit.config import recipe_from_dict
 from mllm_kit.training.checkpoint import AtomicCheckpointIO
 from mllm_kit.training.runner import RunState, prepare_stage
 
@@ -56,7 +56,7 @@ def test_loss_is_normalised_by_the_global_batch_token_count(tmp_path, tiny_recip
     gradient of the token-mean loss over all four samples, not the mean of two micro-batch means."""
     recipe = recipe_from_dict(tiny_recipe(global_batch_size=4, micro_batch_size=2, max_steps=1, grad_clip=0.0))
     prepared = prepare_stage(recipe, 0, tmp_path, RunState.load(tmp_path))
-    assert prepared.module.accumulate == 2
+    assert prepared.trainer.accumulate_grad_batches == 2 and prepared.trainer.max_steps == 1  # set at construction
     reference = copy.deepcopy(prepared.model).train()
     loader = prepared.data.train_dataloader()
     first, second = loader.micro_batches(0)[:2]

@@ -24,7 +24,7 @@ from timm.models.regnet import RegStage
 from torch import nn
 
 from mllm_kit.connectors.base import Connector, ConnectorOutput
-from mllm_kit.connectors.mlp import _single_width, build_mlp
+from mllm_kit.layers.mlp import build_mlp, single_width
 from mllm_kit.encoders.base import VisualFeatures
 from mllm_kit.errors import ConfigError
 from mllm_kit.registry import register_connector
@@ -32,13 +32,15 @@ from mllm_kit.registry import register_connector
 
 @register_connector("c_abstractor")
 class CAbstractor(Connector):
+    smoke_options = {"num_queries": 4, "hidden": 64}
+
     def __init__(self, in_dims: Sequence[int], out_dim: int, grid: tuple[int, int], num_queries: int = 144, depth: int = 3,
                  hidden: int = 1024, mlp_depth: int = 2, pos_emb: bool = True) -> None:
         super().__init__(in_dims, out_dim)
         side = math.isqrt(num_queries)
         if side * side != num_queries:
             raise ConfigError(f"c_abstractor num_queries must be a square number (e.g. 144 = 12×12), got {num_queries}.")
-        width = _single_width(self.in_dims, "c_abstractor")
+        width = single_width(self.in_dims, "c_abstractor")
         self.grid, self.num_queries, self.side = tuple(grid), num_queries, side
         self.pos_emb = nn.Parameter(torch.zeros(1, grid[0] * grid[1], width)) if pos_emb else None
         if self.pos_emb is not None:

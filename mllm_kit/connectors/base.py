@@ -5,13 +5,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from mllm_kit.encoders.base import VisionEncoder, VisualFeatures
-from mllm_kit.presets import resolve_spec
+from mllm_kit.errors import ConfigError
 from mllm_kit.registry import CONNECTORS
 
 
@@ -35,9 +35,15 @@ class Connector(nn.Module):
     Built with ``in_dims`` (one channel width per encoder) and ``out_dim`` (the LLM hidden size);
     subclasses add their own options as keyword arguments. A connector that also reads a high-resolution
     view of each image sets ``num_crops`` > 0; the data pipeline then supplies up to that many crops.
+
+    Class attributes a subclass may set: ``nested_specs`` maps an option holding another connector's spec (a wrapper's
+    ``inner``) to its preset group, so recipe loading resolves and checks it too; ``smoke_options`` are the option values
+    ``--smoke`` uses to shrink the connector (an option whose value is ``null``, i.e. derived, is left alone).
     """
 
     num_crops: int = 0
+    nested_specs: ClassVar[dict[str, str]] = {}
+    smoke_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, in_dims: Sequence[int], out_dim: int) -> None:
         super().__init__()
@@ -64,12 +70,15 @@ class Connector(nn.Module):
 
 
 def build_connector(spec: Mapping[str, Any] | str, in_dims: Sequence[int], out_dim: int, grid: tuple[int, int]) -> Connector:
-    """Build a connector spec (preset name, ``{preset: ...}``, ``{name: ...}`` or ``{_target_: ...}``).
+    """Build a resolved connector spec (``{name: ...}``, ``{_target_: ...}`` or a registered name; presets are expanded
+    by :func:`mllm_kit.config.resolve_component`, at recipe load).
 
     mllm-kit supplies ``in_dims`` and ``out_dim``, and ``grid`` to connectors whose parameters depend on
     the patch grid (they declare a ``grid`` argument). Wrapping connectors build their inner one with this.
     """
-    spec = resolve_spec("connectors", spec)
+    if isinstance(spec, str) and spec not in CONNECTORS and "." not in spec:
+        raise ConfigError(f"connector {spec!r} is not a registered name; if it is a preset, resolve it first: "
+                          f"mllm_kit.config.resolve_component('connectors', {spec!r}).")
     supplied: dict[str, Any] = {"in_dims": list(in_dims), "out_dim": out_dim}
     if "grid" in inspect.signature(CONNECTORS.resolve(spec)[0]).parameters:
         supplied["grid"] = tuple(grid)

@@ -77,12 +77,13 @@ def _square_inner(inner: Mapping[str, Any] | str, in_dims: Sequence[int], out_di
 
 @register_connector("deepstack")
 class DeepStackConnector(Connector):
+    nested_specs = {"inner": "connectors"}
     def __init__(
         self,
         in_dims: Sequence[int],
         out_dim: int,
         grid: tuple[int, int],
-        inner: Mapping[str, Any] | str = "mlp2x_gelu",
+        inner: Mapping[str, Any] | str = "mlp",
         num_crops: int = 4,
         start: int = 1,
         interval: int = 1,
@@ -126,12 +127,14 @@ class DeepStackViTConnector(Connector):
     the LLM: N tokens per image, no LLM injection, no parameters of its own.
     """
 
+    nested_specs = {"inner": "connectors"}
+
     def __init__(
         self,
         in_dims: Sequence[int],
         out_dim: int,
         grid: tuple[int, int],
-        inner: Mapping[str, Any] | str = "mlp2x_gelu",
+        inner: Mapping[str, Any] | str = "mlp",
         num_crops: int = 4,
         start: int | None = None,
         sampling: Literal["2d", "1d", "grid"] = "2d",

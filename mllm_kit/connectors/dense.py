@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mllm_kit.connectors.base import Connector, ConnectorOutput
-from mllm_kit.connectors.mlp import _single_width, build_mlp
+from mllm_kit.layers.mlp import build_mlp, single_width
 from mllm_kit.encoders.base import VisualFeatures
 from mllm_kit.errors import ConfigError
 from mllm_kit.registry import register_connector
@@ -54,7 +54,7 @@ class DenseConnector(Connector):
         self.mode, self.pool = mode, pool
         self.layers = None if layers is None else tuple(int(i) for i in layers)
         self.groups = None if groups is None else tuple((int(a), int(b)) for a, b in groups)
-        width = _single_width(self.in_dims, "dense")
+        width = single_width(self.in_dims, "dense")
         extra = 0 if mode == "sti" else (2 if mode == "sci" else len(self.groups or ((0, 1), (1, 2))))
         self.mlp = build_mlp(width * (1 + extra), out_dim, depth, act)
 

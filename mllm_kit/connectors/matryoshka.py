@@ -9,9 +9,8 @@ inference uses ``scale``. No parameters beyond the inner connector's.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,12 +38,14 @@ class MatryoshkaConnector(Connector):
     data pipeline expands ``<image>`` to; ``null`` means the largest.
     """
 
+    nested_specs = {"inner": "connectors"}
+
     def __init__(
         self,
         in_dims: Sequence[int],
         out_dim: int,
         grid: tuple[int, int],
-        inner: Mapping[str, Any] | str = "mlp2x_gelu",
+        inner: Mapping[str, Any] | str = "mlp",
         scales: Sequence[int] | None = (576, 144, 36, 9, 1),
         scale: int | None = None,
     ) -> None:
@@ -61,22 +62,20 @@ class MatryoshkaConnector(Connector):
                     f"valid scales for this grid: {[(self.side // k) ** 2 for k in range(1, self.side + 1) if self.side % k == 0]}."
                 )
         self.scale = self.scales[0] if scale is None else int(scale)
-        if self.scale not in self.scales:
-            raise ConfigError(f"matryoshka: scale {self.scale} is not one of scales {list(self.scales)}.")
 
     def num_tokens(self, input_tokens: int, grid: tuple[int, int]) -> int:
         return self.scale
 
-    @contextlib.contextmanager
-    def at_scale(self, scale: int) -> Iterator[None]:
-        """Temporarily emit ``scale`` tokens per image (the Matryoshka objective walks the scales)."""
-        if scale not in self.scales:
-            raise ConfigError(f"matryoshka: scale {scale} is not one of scales {list(self.scales)}.")
-        previous, self.scale = self.scale, scale
-        try:
-            yield
-        finally:
-            self.scale = previous
+    @property
+    def scale(self) -> int:
+        """The token budget of the next forward (the Matryoshka objective sets it per pass)."""
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: int) -> None:
+        if value not in self.scales:
+            raise ConfigError(f"matryoshka: scale {value} is not one of scales {list(self.scales)}.")
+        self._scale = int(value)
 
     def forward(self, features: Sequence[VisualFeatures], text_context: torch.Tensor | None = None) -> ConnectorOutput:
         out = self.inner(features, text_context)

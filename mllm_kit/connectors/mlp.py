@@ -10,28 +10,8 @@ from torch import nn
 from mllm_kit.connectors.base import Connector, ConnectorOutput
 from mllm_kit.encoders.base import VisualFeatures
 from mllm_kit.errors import ConfigError
+from mllm_kit.layers.mlp import build_mlp, single_width
 from mllm_kit.registry import register_connector
-
-ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
-
-
-def _single_width(in_dims: Sequence[int], name: str) -> int:
-    if len(in_dims) != 1:
-        raise ConfigError(f"connector {name!r} takes one encoder, got {len(in_dims)}; use a fusion connector for mixtures.")
-    return in_dims[0]
-
-
-def build_mlp(in_dim: int, out_dim: int, depth: int, act: str = "gelu", bias: bool = True) -> nn.Sequential:
-    """Linear(C→D), then (depth−1) × [act, Linear(D→D)] — LLaVA's ``mlp{depth}x_gelu``."""
-    if depth < 1:
-        raise ConfigError(f"mlp connector depth must be ≥ 1, got {depth}.")
-    if act not in ACTIVATIONS:
-        raise ConfigError(f"mlp connector act {act!r} is not one of {sorted(ACTIVATIONS)}.")
-    layers: list[nn.Module] = [nn.Linear(in_dim, out_dim, bias=bias)]
-    for _ in range(depth - 1):
-        layers += [ACTIVATIONS[act](), nn.Linear(out_dim, out_dim, bias=bias)]
-    return nn.Sequential(*layers)
-
 
 @register_connector("mlp")
 class MLPConnector(Connector):
@@ -43,8 +23,8 @@ class MLPConnector(Connector):
 
     def __init__(self, in_dims: Sequence[int], out_dim: int, depth: int = 2, act: str = "gelu", bias: bool = True) -> None:
         super().__init__(in_dims, out_dim)
-        self.depth = depth
-        self.mlp = build_mlp(_single_width(self.in_dims, "mlp"), out_dim, depth, act, bias)
+        self.depth, self.act = depth, act
+        self.mlp = build_mlp(single_width(self.in_dims, "mlp"), out_dim, depth, act, bias)
 
     def forward(self, features: Sequence[VisualFeatures], text_context: torch.Tensor | None = None) -> ConnectorOutput:
         return ConnectorOutput(tokens=self.mlp(features[0].selected))
@@ -64,7 +44,7 @@ class IdentityConnector(Connector):
 
     def __init__(self, in_dims: Sequence[int], out_dim: int) -> None:
         super().__init__(in_dims, out_dim)
-        width = _single_width(self.in_dims, "identity")
+        width = single_width(self.in_dims, "identity")
         if width != out_dim:
             raise ConfigError(f"identity connector needs encoder width == LLM width, got {width} and {out_dim}; use 'linear' or 'mlp'.")
 

@@ -7,7 +7,7 @@ weights renormalised to sum to 1; output Σ_k w_k · Expert_k(x). Auxiliary loss
 * ``moe_balance``: E · Σ_e f_e · P_e, f_e = fraction of tokens whose top-1 expert is e, P_e = mean router prob;
 * ``moe_z``: mean over tokens of logsumexp(router logits)².
 
-Experts are stored as stacked weights ``[E, in, out]``; routing and dispatch are :mod:`mllm_kit.routing`'s
+Experts are stored as stacked weights ``[E, in, out]``; routing and dispatch are :mod:`mllm_kit.layers.routing`'s
 (one scatter, a batched matmul per layer over all experts, one gather — no Python loop over tokens or experts).
 """
 
@@ -19,51 +19,13 @@ import torch
 from torch import nn
 
 from mllm_kit.connectors.base import Connector, ConnectorOutput
-from mllm_kit.connectors.mlp import ACTIVATIONS, MLPConnector, _single_width
+from mllm_kit.connectors.mlp import MLPConnector
 from mllm_kit.encoders.base import VisualFeatures
 from mllm_kit.errors import ConfigError
 from mllm_kit.registry import register_connector, register_transform
-from mllm_kit.routing import balance_loss, dispatch, route, z_loss
-
-
-class StackedMLP(nn.Module):
-    """E independent MLPs Linear(C→D), then (depth−1) × [act, Linear(D→D)], applied to per-expert row blocks.
-
-    ``forward(x [E, R, C]) -> [E, R, D]``.
-    """
-
-    def __init__(self, num_experts: int, in_dim: int, out_dim: int, depth: int, act: str) -> None:
-        super().__init__()
-        if depth < 1:
-            raise ConfigError(f"moe_mlp depth must be ≥ 1, got {depth}.")
-        dims = [in_dim] + [out_dim] * depth
-        self.weights = nn.ParameterList(nn.Parameter(torch.empty(num_experts, a, b)) for a, b in zip(dims[:-1], dims[1:]))
-        self.biases = nn.ParameterList(nn.Parameter(torch.empty(num_experts, b)) for b in dims[1:])
-        self.act = ACTIVATIONS[act]()
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # Same distribution as nn.Linear's default init, expert by expert.
-        for w, b in zip(self.weights, self.biases):
-            bound = w.shape[1] ** -0.5
-            nn.init.uniform_(w, -bound, bound)
-            nn.init.uniform_(b, -bound, bound)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            if i:
-                x = self.act(x)
-            x = torch.baddbmm(b.unsqueeze(1), x, w)
-        return x
-
-    def load_linear_stack(self, linears: Sequence[nn.Linear]) -> None:
-        """Copy a dense MLP's Linear layers into every expert (exactly)."""
-        if len(linears) != len(self.weights):
-            raise ConfigError(f"cannot upcycle an MLP of depth {len(linears)} into experts of depth {len(self.weights)}.")
-        with torch.no_grad():
-            for w, b, linear in zip(self.weights, self.biases, linears):
-                w.copy_(linear.weight.t().unsqueeze(0).expand_as(w))
-                b.copy_(linear.bias.unsqueeze(0).expand_as(b))
+from mllm_kit.layers.experts import ExpertMLP
+from mllm_kit.layers.mlp import activation, single_width
+from mllm_kit.layers.routing import balance_loss, dispatch, route, z_loss
 
 
 @register_connector("moe_mlp")
@@ -77,12 +39,12 @@ class MoEMLPConnector(Connector):
         super().__init__(in_dims, out_dim)
         if not 1 <= top_k <= num_experts:
             raise ConfigError(f"moe_mlp needs 1 ≤ top_k ≤ num_experts, got top_k={top_k}, num_experts={num_experts}.")
-        if act not in ACTIVATIONS:
-            raise ConfigError(f"moe_mlp act {act!r} is not one of {sorted(ACTIVATIONS)}.")
-        width = _single_width(self.in_dims, "moe_mlp")
-        self.num_experts, self.top_k, self.depth = num_experts, top_k, depth
+        if depth < 1:
+            raise ConfigError(f"moe_mlp depth must be ≥ 1, got {depth}.")
+        width = single_width(self.in_dims, "moe_mlp")
+        self.num_experts, self.top_k, self.depth, self.act = num_experts, top_k, depth, act
         self.router = nn.Linear(width, num_experts, bias=False)
-        self.experts = StackedMLP(num_experts, width, out_dim, depth, act)
+        self.experts = ExpertMLP(num_experts, [width] + [out_dim] * depth, activation(act, "moe_mlp"))
 
     def forward(self, features: Sequence[VisualFeatures], text_context: torch.Tensor | None = None) -> ConnectorOutput:
         x = features[0].selected
@@ -108,10 +70,9 @@ class UpcycleConnector:
         if not isinstance(dense, MLPConnector):
             raise ConfigError(f"upcycle needs an 'mlp' connector, found {type(dense).__name__}.")
         linears = [m for m in dense.mlp if isinstance(m, nn.Linear)]
-        act = next((name for name, cls in ACTIVATIONS.items() if any(isinstance(m, cls) for m in dense.mlp)), "gelu")
-        spec = {"name": "moe_mlp", "num_experts": self.num_experts, "top_k": self.top_k, "depth": len(linears), "act": act}
-        moe = MoEMLPConnector(dense.in_dims, dense.out_dim, num_experts=self.num_experts, top_k=self.top_k, depth=len(linears), act=act)
-        moe.experts.load_linear_stack(linears)
+        spec = {"name": "moe_mlp", "num_experts": self.num_experts, "top_k": self.top_k, "depth": len(linears), "act": dense.act}
+        moe = MoEMLPConnector(dense.in_dims, dense.out_dim, num_experts=self.num_experts, top_k=self.top_k, depth=len(linears), act=dense.act)
         moe.to(device=linears[0].weight.device, dtype=linears[0].weight.dtype)
+        moe.experts.load_copies([(m.weight, m.bias) for m in linears])
         moe.build_spec = spec
         model.connector = moe

@@ -26,10 +26,10 @@ from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
 from mllm_kit.connectors.base import Connector, ConnectorOutput
-from mllm_kit.connectors.mlp import _single_width, build_mlp
+from mllm_kit.layers.mlp import build_mlp, single_width
 from mllm_kit.encoders.base import VisualFeatures
 from mllm_kit.errors import ConfigError
-from mllm_kit.hf_loading import from_pretrained
+from mllm_kit.pretrained import from_pretrained
 from mllm_kit.registry import register_connector
 
 Projection = Literal["none", "linear", "mlp"]
@@ -56,6 +56,8 @@ class QFormerConnector(Connector):
     config) replace the fresh ones; its width and cross-attention input must agree with this connector's.
     """
 
+    smoke_options = {"num_layers": 2, "hidden": 64, "heads": 4, "intermediate_size": 128}
+
     def __init__(
         self,
         in_dims: Sequence[int],
@@ -76,7 +78,7 @@ class QFormerConnector(Connector):
         init_from: str | None = None,
     ) -> None:
         super().__init__(in_dims, out_dim)
-        vision = _single_width(self.in_dims, "qformer")
+        vision = single_width(self.in_dims, "qformer")
         hidden = out_dim if hidden is None else hidden
         if hidden % heads:
             raise ConfigError(f"qformer hidden={hidden} is not divisible by heads={heads}.")

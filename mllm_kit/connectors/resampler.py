@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm_kit.connectors.base import Connector, ConnectorOutput
-from mllm_kit.connectors.mlp import _single_width
+from mllm_kit.layers.mlp import single_width
 from mllm_kit.encoders.base import VisualFeatures
 from mllm_kit.registry import register_connector
 
@@ -50,11 +50,13 @@ class FeedForward(nn.Sequential):
 
 @register_connector("resampler")
 class PerceiverResampler(Connector):
+    smoke_options = {"num_latents": 16, "num_layers": 2, "heads": 2, "head_dim": 16}
+
     def __init__(self, in_dims: Sequence[int], out_dim: int, num_latents: int = 64, num_layers: int = 6,
                  heads: int = 8, head_dim: int = 64, ff_mult: int = 4) -> None:
         super().__init__(in_dims, out_dim)
         self.num_latents = num_latents
-        self.proj = nn.Linear(_single_width(self.in_dims, "resampler"), out_dim)
+        self.proj = nn.Linear(single_width(self.in_dims, "resampler"), out_dim)
         self.latents = nn.Parameter(torch.randn(num_latents, out_dim))
         self.blocks = nn.ModuleList(
             nn.ModuleList([PerceiverAttention(out_dim, heads, head_dim), FeedForward(out_dim, ff_mult)]) for _ in range(num_layers)

@@ -3,11 +3,11 @@
 from mllm_kit.data.collate import PadCollator
 from mllm_kit.data.dataset import LlavaDataset, Sample
 from mllm_kit.data.formats import Record, load_records
-from mllm_kit.data.sampler import LengthGroupedSampler
+from mllm_kit.data.sampler import grouped_indices
 from mllm_kit.data.templates import Segment, Template, Turn, get_template
 from mllm_kit.data.tokenize import ConversationEncoder, Encoded, ImageSpan, truncate
 
 __all__ = [
-    "ConversationEncoder", "Encoded", "ImageSpan", "LengthGroupedSampler", "LlavaDataset", "PadCollator",
-    "Record", "Sample", "Segment", "Template", "Turn", "get_template", "load_records", "truncate",
+    "ConversationEncoder", "Encoded", "ImageSpan", "LlavaDataset", "PadCollator",
+    "Record", "Sample", "Segment", "Template", "Turn", "get_template", "load_records", "grouped_indices", "truncate",
 ]

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from mllm_kit.data.formats import Record, load_records
 from mllm_kit.data.images import load_image
 from mllm_kit.data.tokenize import ConversationEncoder, Truncation, truncate
-from mllm_kit.encoders.image_transform import CropGridTransform, ImageTransform, ImageViews
+from mllm_kit.data.transforms import CropGridTransform, ImageTransform, ImageViews
 from mllm_kit.errors import DataError
 from mllm_kit.log import get_logger
 
@@ -78,13 +78,28 @@ class LlavaDataset(Dataset[Sample]):
         return len(self.records)
 
     def __getitem__(self, index: int) -> Sample:
-        for step in range(MAX_SKIPS):
+        tried = min(MAX_SKIPS, len(self.records))
+        longest = 0
+        for step in range(tried):
             sample = self._encode(self.records[(index + step) % len(self.records)])
-            if sample is not None:
+            if isinstance(sample, Sample):
                 return sample
-        raise DataError(f"{self.path}: {MAX_SKIPS} consecutive samples from index {index} exceed max_length={self.max_length}.")
+            longest = max(longest, sample)
+        raise self._all_dropped(index, tried, longest)
 
-    def _encode(self, record: Record) -> Sample | None:
+    def _all_dropped(self, index: int, tried: int, longest: int) -> DataError:
+        total = len(self.records)
+        if self.truncation == "drop":
+            fix = f"Raise data.max_length to at least {longest}, or set truncation: trim to cut over-long samples instead"
+        else:  # trim drops a sample only when the cut leaves no supervised token
+            fix = f"With truncation: trim every reply was cut away; raise data.max_length ({longest} keeps them whole)"
+        return DataError(
+            f"{self.path}: {tried} of {total} consecutive samples from index {index} exceed max_length={self.max_length}"
+            f"{' (every sample in the file)' if tried == total else ''}; the longest tried has {longest} tokens. {fix}."
+        )
+
+    def _encode(self, record: Record) -> Sample | int:
+        """The encoded sample, or its token length when truncation drops it."""
         turns = record.turns
         target = None
         if self.prompt:
@@ -97,7 +112,7 @@ class LlavaDataset(Dataset[Sample]):
         if fitted is None:
             self.num_dropped += 1
             log.warning("%s: dropped (%d tokens > max_length=%d; %d dropped so far)", record.ref, len(encoded), self.max_length, self.num_dropped)
-            return None
+            return len(encoded)
         if fitted is not encoded:
             self.num_trimmed += 1
             log.warning("%s: trimmed from %d to %d tokens (%d trimmed so far)", record.ref, len(encoded), len(fitted), self.num_trimmed)

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
-from torch.utils.data import Sampler
-
-from mllm_kit.errors import ConfigError
 
 
 def grouped_indices(lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator,
@@ -40,29 +37,3 @@ def grouped_indices(lengths: Sequence[int], batch_size: int, world_size: int, ge
                 (full.append(chunk) if len(chunk) == run else rest.extend(chunk))
     order = torch.randperm(len(full), generator=generator).tolist()
     return [i for k in order for i in full[k]] + rest
-
-
-class LengthGroupedSampler(Sampler[int]):
-    """Yields :func:`grouped_indices` for the current epoch (``set_epoch`` reshuffles deterministically)."""
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, world_size: int = 1, seed: int = 0, group_by_modality: bool = True,
-                 group_size: int = 1) -> None:
-        if batch_size <= 0 or world_size <= 0:
-            raise ConfigError(f"batch_size and world_size must be positive, got {batch_size} and {world_size}.")
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.world_size = world_size
-        self.seed = seed
-        self.group_by_modality = group_by_modality
-        self.group_size = group_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(grouped_indices(self.lengths, self.batch_size, self.world_size, g, self.group_by_modality, self.group_size))

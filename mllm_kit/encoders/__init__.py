@@ -1,7 +1,6 @@
-"""Vision encoders. Importing this package registers every built-in encoder."""
+"""Vision encoders: one module per backbone library, each registered by presence."""
 
-from mllm_kit.encoders import hf, timm_vit  # noqa: F401  (registration)
+from mllm_kit.data.transforms import ImageTransform
 from mllm_kit.encoders.base import VisionEncoder, VisualFeatures
-from mllm_kit.encoders.image_transform import ImageTransform
 
 __all__ = ["ImageTransform", "VisionEncoder", "VisualFeatures"]

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mllm_kit.encoders.image_transform import ImageTransform
+from mllm_kit.data.transforms import ImageTransform
 from mllm_kit.errors import ConfigError
 
 SelectFeature = Literal["patch", "cls_patch"]
@@ -21,7 +21,8 @@ class VisualFeatures:
     """Per-layer encoder outputs for a batch of images.
 
     ``hidden_states[k]`` is ``[n_img, N, C]`` in HF indexing (0 = embeddings, k = output of block k,
-    no post-norm), already stripped of prefix tokens according to ``select_feature``.
+    no post-norm), already stripped of prefix tokens according to ``select_feature`` (and of the first patch
+    with ``drop_first_patch``). ``grid`` is the encoder's :attr:`VisionEncoder.grid`.
     ``selected_layer`` (non-negative) is the encoder's default feature layer. ``crops`` holds the features
     of the high-resolution crops (``crop_grids``: one ``(rows, cols)`` per image) for connectors that read them.
     """
@@ -50,6 +51,12 @@ class VisionEncoder(nn.Module):
     The base class owns what is common to every ViT: layer selection (``select_layer``, HF
     ``hidden_states`` indexing, default -2 as in LLaVA-1.5, specs/components.md §1.1), CLS handling
     (``select_feature``), freezing and the image transform.
+
+    ``select_feature``: ``patch`` strips every prefix token (CLS, registers); ``cls_patch`` keeps the CLS
+    first (N = patches + 1). ``drop_first_patch`` (towers without prefix tokens only) also drops the first
+    patch token, as transformers' LLaVA ``default`` strategy does on a SigLIP tower (it drops token 0
+    whatever it is): N = rows·cols − 1, and :attr:`grid` becomes ``(1, N)`` since the tokens no longer form
+    the patch grid, so connectors that need a square grid (deepstack, matryoshka) refuse it with ConfigError.
     """
 
     embed_dim: int
@@ -60,12 +67,16 @@ class VisionEncoder(nn.Module):
     layer_cls: type[nn.Module]
     image_transform: ImageTransform
 
-    def __init__(self, select_layer: int = -2, select_feature: SelectFeature = "patch", frozen: bool = True) -> None:
+    def __init__(self, select_layer: int = -2, select_feature: SelectFeature = "patch", frozen: bool = True,
+                 drop_first_patch: bool = False) -> None:
         super().__init__()
         if select_feature not in SELECT_FEATURES:
             raise ConfigError(f"encoder select_feature must be one of {SELECT_FEATURES}, got {select_feature!r}.")
+        if not isinstance(drop_first_patch, bool):
+            raise ConfigError(f"encoder drop_first_patch must be true or false, got {drop_first_patch!r}.")
         self.select_layer = select_layer
         self.select_feature = select_feature
+        self.drop_first_patch = drop_first_patch
         self.frozen = frozen
 
     def finish_init(self) -> None:
@@ -78,6 +89,19 @@ class VisionEncoder(nn.Module):
             )
         if self.select_feature == "cls_patch" and self.num_prefix_tokens == 0:
             raise ConfigError(f"{type(self).__name__} has no CLS token; use select_feature: patch.")
+        if self.drop_first_patch:
+            name, (h, w) = type(self).__name__, self.patch_grid
+            if self.num_prefix_tokens:
+                raise ConfigError(
+                    f"encoder drop_first_patch is for towers without prefix tokens (it drops a real patch, as "
+                    f"transformers' LLaVA 'default' strategy does on SigLIP); {name} has {self.num_prefix_tokens} "
+                    f"prefix token(s), which are stripped without it."
+                )
+            if h * w < 2:
+                raise ConfigError(f"encoder drop_first_patch would leave no tokens from a {h}×{w} patch grid.")
+            if self.grid != (1, h * w - 1):
+                raise ConfigError(f"{name} does not support drop_first_patch: it overrides grid "
+                                  f"(an encoder that supports it overrides patch_grid instead).")
         if self.frozen:
             self.requires_grad_(False)
 
@@ -87,13 +111,21 @@ class VisionEncoder(nn.Module):
         return find_layer_list(self, self.num_layers)
 
     @property
-    def grid(self) -> tuple[int, int]:
+    def patch_grid(self) -> tuple[int, int]:
+        """``(rows, cols)`` of patches the backbone produces per image (subclasses override this)."""
         side = self.image_size // self.patch_size
         return (side, side)
 
     @property
+    def grid(self) -> tuple[int, int]:
+        """Layout of the patch tokens in the features: :attr:`patch_grid`, or ``(1, rows·cols − 1)`` with
+        ``drop_first_patch`` (a token list, no longer a 2-D grid)."""
+        h, w = self.patch_grid
+        return (1, h * w - 1) if self.drop_first_patch else (h, w)
+
+    @property
     def num_tokens(self) -> int:
-        """Tokens per image after prefix stripping."""
+        """Tokens per image after prefix stripping: ``grid`` rows·cols, + 1 with ``cls_patch``."""
         h, w = self.grid
         return h * w + (1 if self.select_feature == "cls_patch" else 0)
 
@@ -112,7 +144,8 @@ class VisionEncoder(nn.Module):
             states = self.backbone_hidden_states(pixel_values.to(self.dtype))
         p = self.num_prefix_tokens
         if self.select_feature == "patch":
-            states = tuple(h[:, p:] for h in states)
+            start = p + int(self.drop_first_patch)  # p == 0 with drop_first_patch (finish_init)
+            states = tuple(h[:, start:] for h in states)
         elif p > 1:  # keep CLS, drop register tokens
             states = tuple(torch.cat([h[:, :1], h[:, p:]], dim=1) for h in states)
         return VisualFeatures(hidden_states=states, grid=self.grid, selected_layer=self.selected_layer)

@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from mllm_kit.encoders.base import SelectFeature, VisionEncoder, find_layer_list
-from mllm_kit.encoders.image_transform import (
+from mllm_kit.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     HALF,
@@ -29,7 +29,7 @@ from mllm_kit.encoders.image_transform import (
     ResizeMode,
 )
 from mllm_kit.errors import ConfigError
-from mllm_kit.hf_loading import from_pretrained, resolve_dtype
+from mllm_kit.pretrained import from_pretrained, resolve_dtype
 from mllm_kit.registry import register_encoder
 
 
@@ -52,6 +52,7 @@ class HFVisionEncoder(VisionEncoder):
         config: dict[str, Any] | None = None,
         select_layer: int = -2,
         select_feature: SelectFeature = "patch",
+        drop_first_patch: bool = False,
         image_size: int | None = None,
         image_mode: ResizeMode | None = None,
         mean: tuple[float, float, float] | None = None,
@@ -61,7 +62,8 @@ class HFVisionEncoder(VisionEncoder):
         attn_implementation: str | None = None,
         load_weights: bool = True,
     ) -> None:
-        super().__init__(select_layer=select_layer, select_feature=select_feature, frozen=frozen)
+        super().__init__(select_layer=select_layer, select_feature=select_feature, frozen=frozen,
+                         drop_first_patch=drop_first_patch)
         if (path is None) == (config is None):
             raise ConfigError(f"{type(self).__name__}: give exactly one of 'path' (a model directory) or 'config'.")
         kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype)}

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mllm_kit.encoders.base import SelectFeature, VisionEncoder
-from mllm_kit.encoders.image_transform import ImageTransform, ResizeMode
+from mllm_kit.data.transforms import ImageTransform, ResizeMode
 from mllm_kit.errors import ConfigError
 from mllm_kit.registry import register_encoder
 

@@ -1,6 +1,5 @@
-"""Language backbones. Importing this package registers the built-ins."""
+"""Language backbones and LLM-side stage transforms (MoE upcycling, LoRA, LoRA-MoE), each registered by presence."""
 
-from mllm_kit.llm import hf, lora, lora_moe, moe  # noqa: F401  (registration)
 from mllm_kit.llm.base import LanguageModel
 
 __all__ = ["LanguageModel"]

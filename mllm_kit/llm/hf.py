@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mllm_kit.encoders.base import find_layer_list
 from mllm_kit.errors import ConfigError
-from mllm_kit.hf_loading import from_pretrained, resolve_dtype
+from mllm_kit.pretrained import from_pretrained, resolve_dtype
 from mllm_kit.llm.base import LanguageModel
 from mllm_kit.log import get_logger
 from mllm_kit.registry import register_llm
@@ -22,7 +22,7 @@ class HFCausalLM(LanguageModel):
     """A ``transformers`` causal LM loaded from ``path`` (a local dir or hub id) or built from ``config``.
 
     ``config`` is a dict with ``model_type`` (e.g. ``{"model_type": "llama", "hidden_size": 64, ...}``) and
-    needs ``tokenizer`` (a directory, or ``tiny`` for the offline tokenizer of :mod:`mllm_kit.tiny`); the
+    needs ``tokenizer`` (a directory; in a recipe ``${tiny_tokenizer:}`` is the offline tokenizer of :mod:`mllm_kit.tiny`); the
     vocabulary size and special-token ids default to the tokenizer's. The image token (``<image>``) and any ``special_tokens`` a chat template needs are
     added to the tokenizer when absent and the embeddings resized. Tokenizers without a pad token use
     ``unk`` or, failing that, ``eos`` — labels never derive from pad ids, so that is safe. ``family``
@@ -48,10 +48,6 @@ class HFCausalLM(LanguageModel):
         if (path is None) == (config is None):
             raise ConfigError("hf_causal_lm: give exactly one of 'path' (a model directory) or 'config'.")
         tokenizer_path = tokenizer or path
-        if tokenizer_path == "tiny":
-            from mllm_kit.tiny import tiny_tokenizer
-
-            tokenizer_path = str(tiny_tokenizer())
         if tokenizer_path is None:
             raise ConfigError("hf_causal_lm built from 'config' needs 'tokenizer' (a tokenizer directory).")
         self.tokenizer = from_pretrained(AutoTokenizer, tokenizer_path, what="tokenizer", trust_remote_code=trust_remote_code)

@@ -2,7 +2,7 @@
 
 ``upcycle_moe`` replaces the FFN (``mlp``) of chosen decoder layers with :class:`SparseMoE`: E experts that
 are exact copies of that FFN (stored stacked, ``[E, in, out]``) and a fresh router Linear(D→E, no bias).
-Routing and dispatch are :mod:`mllm_kit.routing`'s — DeepSpeed's top-k gating with capacity
+Routing and dispatch are :mod:`mllm_kit.layers.routing`'s — DeepSpeed's top-k gating with capacity
 ⌈k·T/E·cf⌉ per expert (``capacity_factor`` in training, ``eval_capacity_factor`` otherwise), overflow
 dropped in routing order, renormalised gates, optional Gumbel noise on the second choice. Identical experts
 with renormalised gates compute the dense FFN, so right after the transform the model's logits are
@@ -26,60 +26,26 @@ from torch import nn
 
 from mllm_kit.errors import ConfigError
 from mllm_kit.registry import register_transform
-from mllm_kit.routing import balance_loss, dispatch, expert_load, route, z_loss
+from mllm_kit.layers.experts import ExpertMLP, Linear
+from mllm_kit.layers.routing import balance_loss, dispatch, expert_load, route, z_loss
 
 
-def _ffn_parts(ffn: nn.Module) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], nn.Linear, nn.Module]:
-    """The input projections of a transformers FFN module by role (``gate`` + ``up``, or ``in``) as ``(weight [out, in],
-    bias)``, its output projection and its activation."""
+def _ffn_linears(ffn: nn.Module) -> tuple[list[Linear], Linear | None, nn.Module]:
+    """A transformers FFN module as ``(linears, up, act)``: its projections in order as ``(weight [out, in], bias)``, the
+    up projection of a gated FFN (``None`` for a plain one) and its activation."""
+    def lin(m: nn.Linear) -> Linear:
+        return m.weight, m.bias
+
     if all(hasattr(ffn, a) for a in ("gate_proj", "up_proj", "down_proj")):
-        parts = {"gate": (ffn.gate_proj.weight, ffn.gate_proj.bias), "up": (ffn.up_proj.weight, ffn.up_proj.bias)}
-        return parts, ffn.down_proj, ffn.act_fn
+        return [lin(ffn.gate_proj), lin(ffn.down_proj)], lin(ffn.up_proj), ffn.act_fn
     if hasattr(ffn, "gate_up_proj") and hasattr(ffn, "down_proj"):  # Phi-3 fuses them: gate first, then up
         bias = ffn.gate_up_proj.bias
         (w_gate, w_up), (b_gate, b_up) = ffn.gate_up_proj.weight.chunk(2), bias.chunk(2) if bias is not None else (None, None)
-        return {"gate": (w_gate, b_gate), "up": (w_up, b_up)}, ffn.down_proj, ffn.activation_fn
+        return [(w_gate, b_gate), lin(ffn.down_proj)], (w_up, b_up), ffn.activation_fn
     if hasattr(ffn, "fc1") and hasattr(ffn, "fc2"):
-        return {"in": (ffn.fc1.weight, ffn.fc1.bias)}, ffn.fc2, ffn.activation_fn
+        return [lin(ffn.fc1), lin(ffn.fc2)], None, ffn.activation_fn
     raise ConfigError(f"upcycle_moe: the FFN {type(ffn).__name__} has none of gate_proj/up_proj/down_proj, gate_up_proj/down_proj "
                       "or fc1/fc2; it cannot be upcycled.")
-
-
-def _expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``[E, C, in] @ [E, in, out] (+ [E, out])``: every expert at once."""
-    return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, weight)
-
-
-class StackedFFN(nn.Module):
-    """E copies of one FFN as stacked weights ``w_<role> [E, in, out]`` (roles ``gate``/``up`` for gated FFNs, ``in`` for
-    plain ones, and ``out``); ``forward(x [E, C, D]) -> [E, C, D]``. Gate and up stay separate matrices, so the
-    backward pass needs no concatenation of their gradients."""
-
-    def __init__(self, ffn: nn.Module, num_experts: int) -> None:
-        super().__init__()
-        inputs, output, self.act = _ffn_parts(ffn)
-        self.gated = "gate" in inputs
-
-        def stack(t: torch.Tensor | None) -> nn.Parameter | None:
-            return None if t is None else nn.Parameter(t.detach().unsqueeze(0).repeat(num_experts, *([1] * t.dim())))
-
-        # nn.Linear stores [out, in]; experts multiply [C, in] @ [in, out].
-        for role, (weight, bias) in {**inputs, "out": (output.weight, output.bias)}.items():
-            setattr(self, f"w_{role}", stack(weight.t()))
-            setattr(self, f"b_{role}", stack(bias))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            h = self.act(_expert_linear(x, self.w_gate, self.b_gate)) * _expert_linear(x, self.w_up, self.b_up)
-        else:
-            h = self.act(_expert_linear(x, self.w_in, self.b_in))
-        return _expert_linear(h, self.w_out, self.b_out)
-
-    def copies(self, ffn: nn.Module) -> bool:
-        """Whether every expert holds exactly ``ffn``'s weights."""
-        reference = dict(StackedFFN(ffn, 1).named_parameters())
-        mine = dict(self.named_parameters())
-        return mine.keys() == reference.keys() and all(torch.equal(p, reference[n].expand_as(p)) for n, p in mine.items())
 
 
 class SparseMoE(nn.Module):
@@ -93,8 +59,9 @@ class SparseMoE(nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor, self.eval_capacity_factor, self.min_capacity = capacity_factor, eval_capacity_factor, min_capacity
         self.noisy_gate, self.use_z_loss = noisy_gate, z_loss
-        self.experts = StackedFFN(ffn, num_experts)
-        width = self.experts.w_out.shape[2]
+        linears, up, act = _ffn_linears(ffn)
+        self.experts = ExpertMLP.copies(linears, num_experts, act, up)
+        width = linears[-1][0].shape[0]
         self.router = nn.Linear(width, num_experts, bias=False)
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.metrics: dict[str, torch.Tensor] = {}
@@ -155,9 +122,9 @@ class UpcycleMoE:
                 raise ConfigError(f"upcycle_moe: decoder layer {index} ({type(layer).__name__}) has no 'mlp' FFN.")
             if isinstance(ffn, SparseMoE):
                 raise ConfigError(f"upcycle_moe: decoder layer {index} is already a mixture of experts.")
-            weight = _ffn_parts(ffn)[1].weight
-            moe = SparseMoE(ffn, **self.options).to(device=weight.device, dtype=weight.dtype).train(ffn.training)
-            if not moe.experts.copies(ffn):  # MoE-LLaVA asserts this too
+            linears, up, _ = _ffn_linears(ffn)
+            moe = SparseMoE(ffn, **self.options).to(device=linears[0][0].device, dtype=linears[0][0].dtype).train(ffn.training)
+            if not moe.experts.holds_copies(linears, up):  # MoE-LLaVA asserts this too
                 raise ConfigError(f"upcycle_moe: the experts of layer {index} are not exact copies of its FFN.")
             layer.mlp = moe
         model.record_transform({"name": "upcycle_moe", "layers": self.layers, **self.options})

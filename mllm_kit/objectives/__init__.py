@@ -1,6 +1,5 @@
-"""Training objectives. Importing this package registers the built-ins."""
+"""Training objectives, each registered by presence."""
 
-from mllm_kit.objectives import lm, matryoshka  # noqa: F401  (registration)
 from mllm_kit.objectives.base import Objective
 
 __all__ = ["Objective"]

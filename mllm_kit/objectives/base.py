@@ -1,6 +1,15 @@
-"""The objective contract (DESIGN.md, "Core interfaces")."""
+"""The objective contract (DESIGN.md, "Core interfaces"): losses from outputs; the trainer runs the model.
+
+Per batch the trainer asks the objective for its forward :meth:`~Objective.passes` (one by default), runs the model
+(and, for distillation, a teacher) once per pass, calls the objective on each pass's outputs, and combines the
+results with :meth:`~Objective.reduce`. Objectives never call the model.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -8,24 +17,36 @@ from mllm_kit.batch import IGNORE_INDEX, Batch
 from mllm_kit.model import MLLM, MLLMOutput
 
 
-class Objective:
-    """``__call__(outputs, batch, teacher_outputs=None) -> {"loss": ..., **parts}``; parts are logged.
+@dataclass(frozen=True)
+class Pass:
+    """One forward pass: the batch it reads and the connector options set while it runs (e.g. ``{"scale": 16}``)."""
 
-    Token-level losses are *sums* divided by ``batch.loss_normalizer`` — the supervised-token count of
-    the whole global batch, rescaled by the trainer for gradient accumulation and data parallelism — so
-    that every supervised token in an optimiser step has the same weight.
+    batch: Batch
+    connector: Mapping[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+
+class Objective:
+    """``__call__(outputs, batch, normalizer, teacher_outputs=None) -> {"loss": ..., **parts}``; parts are logged.
+
+    Token-level losses are *sums* divided by ``normalizer``: the supervised-token count of the whole global batch,
+    rescaled by the trainer for gradient accumulation and data parallelism, so that every supervised token of an
+    optimiser step has the same weight. Outside training (``normalizer=None``) divide by the batch's own count.
     """
 
-    def __call__(self, outputs: MLLMOutput, batch: Batch, teacher_outputs: MLLMOutput | None = None) -> dict[str, torch.Tensor]:
+    def __call__(self, outputs: MLLMOutput, batch: Batch, normalizer: float | None,
+                 teacher_outputs: MLLMOutput | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def compute(self, model: MLLM, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Run ``model`` on ``batch`` and score it → ``(loss parts, aux losses, metrics to log)``.
+    def passes(self, batch: Batch, model: MLLM) -> list[Pass]:
+        """The forward passes this objective scores for ``batch``; one plain pass by default."""
+        return [Pass(batch)]
 
-        One forward pass by default; objectives that need several passes per batch (Matryoshka) override it.
-        """
-        outputs = model(batch)
-        return self(outputs, batch), outputs.aux_losses, outputs.metrics
+    def reduce(self, results: Sequence[dict[str, torch.Tensor]], passes: Sequence[Pass]) -> dict[str, torch.Tensor]:
+        """Combine the per-pass results (a single pass is returned as it is)."""
+        if len(results) != 1:
+            raise NotImplementedError(f"{type(self).__name__} runs {len(results)} passes but does not combine them; override reduce().")
+        return results[0]
 
 
 def shifted_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,8 +57,3 @@ def shifted_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
         logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return loss_sum, (targets != IGNORE_INDEX).sum()
-
-
-def supervised_tokens(labels: torch.Tensor) -> int:
-    """Supervised targets after the causal shift (what :func:`shifted_token_ce` averages over)."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())

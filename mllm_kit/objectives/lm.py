@@ -12,9 +12,10 @@ from mllm_kit.registry import register_objective
 
 @register_objective("lm")
 class LMObjective(Objective):
-    """Sum of next-token cross-entropy over supervised tokens / global supervised-token count."""
+    """Sum of next-token cross-entropy over supervised tokens / the global supervised-token count."""
 
-    def __call__(self, outputs: MLLMOutput, batch: Batch, teacher_outputs: MLLMOutput | None = None) -> dict[str, torch.Tensor]:
+    def __call__(self, outputs: MLLMOutput, batch: Batch, normalizer: float | None,
+                 teacher_outputs: MLLMOutput | None = None) -> dict[str, torch.Tensor]:
         loss_sum, n = shifted_token_ce(outputs.logits, batch.labels)
-        normalizer = batch.loss_normalizer if batch.loss_normalizer is not None else n.clamp(min=1)
-        return {"loss": loss_sum / normalizer, "lm_loss": (loss_sum / n.clamp(min=1)).detach()}
+        mean = loss_sum / n.clamp(min=1)
+        return {"loss": mean if normalizer is None else loss_sum / normalizer, "lm_loss": mean.detach()}

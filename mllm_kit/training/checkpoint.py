@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from mllm_kit.io import atomic_file
+from mllm_kit.files import atomic_file
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,4 +1,4 @@
-"""Stage data: datasets from a :class:`DataSpec`, and a loader that yields whole optimiser steps."""
+"""Stage data: datasets from a :class:`DataSpec`, a loader that yields whole optimiser steps, held-out loaders."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from mllm_kit.batch import Batch
 from mllm_kit.data.collate import PadCollator
@@ -18,27 +19,45 @@ from mllm_kit.data.sampler import grouped_indices
 from mllm_kit.data.synthetic import generate
 from mllm_kit.data.templates import get_template
 from mllm_kit.data.tokenize import ConversationEncoder
+from mllm_kit.config.recipe import DataSpec, EvalSpec
 from mllm_kit.errors import ConfigError
 from mllm_kit.model import MLLM
-from mllm_kit.recipe import DataSpec
+from mllm_kit.training.evaluate import PromptCollator
 
 SYNTHETIC = "synthetic:"
 
 
-def resolve_source(spec: DataSpec, source: str | None, data_root: Path, key: str) -> tuple[Path, Path]:
-    """(json path, image root) for a data source: a file path or ``synthetic:align|sft|eval``."""
+class StepBatch(NamedTuple):
+    """A training micro-batch and the supervised-token count of its whole optimiser step on this rank."""
+
+    batch: Batch
+    step_loss_tokens: int
+
+
+def check_source(spec: DataSpec, key: str, where: str = "data") -> None:
+    """A data source names a synthetic split, or a file that exists with an image root that exists."""
+    source = getattr(spec, key)
     if source is None:
-        raise ConfigError(f"data.{key}: no data given; set a LLaVA JSON/JSONL path or synthetic:sft.")
+        raise ConfigError(f"{where}.{key}: no data given; set a LLaVA JSON/JSONL path or synthetic:sft.")
     if source.startswith(SYNTHETIC):
-        split = source[len(SYNTHETIC) :]
-        if split not in ("align", "sft", "eval"):
-            raise ConfigError(f"data.{key}: {source!r} — the synthetic splits are synthetic:align, synthetic:sft, synthetic:eval.")
+        if source[len(SYNTHETIC) :] not in ("align", "sft", "eval"):
+            raise ConfigError(f"{where}.{key}: {source!r} — the synthetic splits are synthetic:align, synthetic:sft, synthetic:eval.")
+        return
+    if not Path(source).is_file():
+        raise ConfigError(f"{where}.{key}: file {source!r} does not exist.")
+    if spec.image_root is not None and not Path(spec.image_root).is_dir():
+        raise ConfigError(f"{where}.image_root: folder {spec.image_root!r} (images of {source!r}) does not exist.")
+
+
+def resolve_source(spec: DataSpec, data_root: Path, key: str, where: str = "data") -> tuple[Path, Path]:
+    """(json path, image root) of ``spec.train`` or ``spec.eval``: a file, or a synthetic split (generated here)."""
+    check_source(spec, key, where)
+    source = getattr(spec, key)
+    if source.startswith(SYNTHETIC):
         digest = hashlib.sha1(json.dumps(asdict(spec.synthetic), sort_keys=True).encode()).hexdigest()[:10]
         paths = generate(data_root / f"synthetic-{digest}", spec.synthetic)
-        return getattr(paths, split), paths.image_root
+        return getattr(paths, source[len(SYNTHETIC) :]), paths.image_root
     path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f"data.{key}: file {source!r} does not exist.")
     return path, Path(spec.image_root) if spec.image_root else path.parent
 
 
@@ -48,14 +67,14 @@ def conversation_encoder(model: MLLM, spec: DataSpec) -> ConversationEncoder:
 
 
 def build_dataset(model: MLLM, spec: DataSpec, data_root: Path, split: str = "train", prompt: bool = False) -> LlavaDataset:
-    path, image_root = resolve_source(spec, getattr(spec, split), data_root, split)
+    path, image_root = resolve_source(spec, data_root, split)
     transform = model.make_image_transform(spec.image_mode)
     return LlavaDataset(path, image_root, conversation_encoder(model, spec), transform, max_length=spec.max_length,
                         truncation=spec.truncation, prompt=prompt, instruction=model.reads_instruction)
 
 
 class StepLoader:
-    """Yields micro-batches, ``accumulate`` per optimiser step, each tagged with the step's supervised-token count.
+    """Yields :class:`StepBatch` micro-batches, ``accumulate`` per optimiser step, with the step's supervised-token count.
 
     The order is a deterministic function of (seed, epoch); where an epoch resumes is derived from the
     trainer's optimiser-step count, so a resumed run sees exactly the batches an uninterrupted one would.
@@ -96,7 +115,7 @@ class StepLoader:
         batches = [order[i + self.rank * self.micro : i + (self.rank + 1) * self.micro] for i in range(0, len(order) - mega + 1, mega)]
         return batches[: len(self)]
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[StepBatch]:
         epoch, step = divmod(self.steps_done(), self.steps_per_epoch)
         batches = self.micro_batches(epoch)[step * self.accumulate :]
         loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers,
@@ -111,14 +130,15 @@ class StepLoader:
                     return
             tokens = sum(b.num_loss_tokens for b in window)
             for b in window:
-                b.window_loss_tokens = tokens
-                yield b
+                yield StepBatch(b, tokens)
 
 
 class MLLMDataModule(L.LightningDataModule):
-    """Training data of one stage."""
+    """Training data of one stage and, when the stage names ``data.eval``, its held-out loaders: the eval samples
+    encoded for training (loss) and as prompts (generation accuracy), the first ``eval.max_samples`` of them."""
 
-    def __init__(self, model: MLLM, spec: DataSpec, data_root: Path, micro_batch_size: int, accumulate: int, seed: int) -> None:
+    def __init__(self, model: MLLM, spec: DataSpec, data_root: Path, micro_batch_size: int, accumulate: int, seed: int,
+                 eval_spec: EvalSpec | None = None, train: bool = True) -> None:
         super().__init__()
         self.model = model
         self.spec = spec
@@ -126,7 +146,19 @@ class MLLMDataModule(L.LightningDataModule):
         self.micro_batch_size = micro_batch_size
         self.accumulate = accumulate
         self.seed = seed
-        self.dataset = build_dataset(model, spec, data_root, "train")
+        self.eval_spec = eval_spec or EvalSpec()
+        self.dataset = build_dataset(model, spec, data_root, "train") if train else None
+        self.eval_loss_set = self.eval_prompts = None
+        if spec.eval is not None:
+            self.eval_loss_set = build_dataset(model, spec, data_root, "eval")
+            self.eval_prompts = build_dataset(model, spec, data_root, "eval", prompt=True)
+
+    @property
+    def tasks(self) -> dict[str, str]:
+        """Sample id → task name of the eval set (``all`` where the data names none)."""
+        if self.eval_prompts is None:
+            return {}
+        return {r.id if r.id is not None else str(r.index): str(r.extra.get("task", "all")) for r in self.eval_prompts.records}
 
     def train_dataloader(self) -> StepLoader:
         trainer = self.trainer
@@ -137,5 +169,20 @@ class MLLMDataModule(L.LightningDataModule):
             steps_done=(lambda: trainer.global_step) if trainer else (lambda: 0),
         )
 
+    def val_dataloader(self, max_samples: int | None = None, loss: bool = True) -> list[DataLoader]:
+        if self.eval_prompts is None:
+            return []
+        limit = max_samples if max_samples is not None else self.eval_spec.max_samples
+        size = self.eval_spec.batch_size
+        pad = self.model.tokenizer.pad_token_id
+        prompts = DataLoader(_first(self.eval_prompts, limit), batch_size=size, collate_fn=PromptCollator(pad, self.tasks))
+        if not loss:
+            return [prompts]
+        return [DataLoader(_first(self.eval_loss_set, limit), batch_size=size, collate_fn=PadCollator(pad)), prompts]
+
     def steps_per_epoch(self, world_size: int) -> int:
         return len(self.dataset) // (self.micro_batch_size * world_size) // self.accumulate
+
+
+def _first(dataset: LlavaDataset, limit: int | None) -> LlavaDataset | Subset:
+    return dataset if limit is None or limit >= len(dataset) else Subset(dataset, range(limit))

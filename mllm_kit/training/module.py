@@ -1,65 +1,109 @@
-"""The LightningModule: forward, objective, globally normalised loss, optimiser and schedule."""
+"""The LightningModule of a stage: it runs the model, the objective scores the outputs, Lightning steps.
+
+One training step (DESIGN.md, "Data flow")::
+
+    StepBatch(batch, step_loss_tokens)          the loader's micro-batch + its optimiser step's supervised-token count
+    normalizer = all-reduce(step_loss_tokens) / (accumulation × world size)      one collective per optimiser step
+    for each pass of objective.passes(batch):    model(pass.batch) → outputs → objective(outputs, pass.batch, normalizer)
+    loss = objective.reduce(results) + Σ coef · aux loss                  Lightning: backward, accumulate, clip, step
+
+Lightning divides the returned loss by the accumulation count and DDP averages gradients over ranks; the normaliser
+undoes both, so the gradient is exactly the token mean over the global batch.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import lightning as L
 import torch
 
 from mllm_kit.batch import Batch
+from mllm_kit.config.recipe import EvalSpec, Stage
 from mllm_kit.model import MLLM
 from mllm_kit.objectives.base import Objective
-from mllm_kit.recipe import Stage
+from mllm_kit.training.data import StepBatch
+from mllm_kit.training.evaluate import GenerationAccuracy, PromptBatch, generate_answers
 from mllm_kit.training.optim import build_optimizer, build_scheduler
+
+def score(model: MLLM, objective: Objective, batch: Batch,
+          normalizer: float | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """Run the objective's passes on ``model`` → ``(loss parts, aux losses averaged over passes, metrics of the last pass)``."""
+    passes = objective.passes(batch, model)
+    results, aux, metrics = [], {}, {}
+    for p in passes:
+        with model.connector_options(**p.connector):
+            outputs = model(p.batch)
+        results.append(objective(outputs, p.batch, normalizer))
+        for name, value in outputs.aux_losses.items():
+            aux[name] = aux.get(name, 0.0) + value / len(passes)
+        metrics = outputs.metrics
+    return objective.reduce(results, passes), aux, metrics
 
 
 class MLLMModule(L.LightningModule):
-    """Trains an :class:`MLLM` for one stage.
+    """Trains (and validates) an :class:`MLLM` for one stage."""
 
-    The loss of each micro-batch is ``sum(token losses) / N_global`` where ``N_global`` is the number of
-    supervised tokens in the whole optimiser step (all accumulation micro-batches, all ranks). Lightning
-    divides by the accumulation count and DDP averages over ranks, so the value handed back is rescaled by
-    both; the resulting gradient is exactly the token-mean over the global batch.
-    """
-
-    def __init__(self, model: MLLM, stage: Stage, objective: Objective, total_steps: int, accumulate: int) -> None:
+    def __init__(self, model: MLLM, stage: Stage, objective: Objective, total_steps: int = 1, eval_spec: EvalSpec | None = None,
+                 tasks: list[str] | None = None, stop_token_ids: list[int] | None = None) -> None:
         super().__init__()
         self.model = model
         self.stage = stage
         self.objective = objective
         self.total_steps = total_steps
-        self.accumulate = accumulate
+        self.eval_spec = eval_spec or EvalSpec()
+        self.stop_token_ids = stop_token_ids
+        self.accuracy = GenerationAccuracy(tasks or ["all"])
         self._normalizer_step = -1
         self._normalizer = 1.0
 
     def forward(self, batch: Batch):
         return self.model(batch)
 
-    def _global_tokens(self, batch: Batch) -> float:
-        # One collective per optimiser step: every micro-batch of the window carries the same local count.
+    def _step_normalizer(self, step_loss_tokens: int) -> float:
+        # One collective per optimiser step: every micro-batch of the step carries the same local count.
         if self._normalizer_step != self.global_step:
-            local = torch.tensor(float(batch.window_loss_tokens), device=self.device)
+            local = torch.tensor(float(step_loss_tokens), device=self.device)
             total = self.trainer.strategy.reduce(local, reduce_op="sum") if self.trainer.world_size > 1 else local
-            self._normalizer = max(float(total), 1.0)
+            self._normalizer = max(float(total), 1.0) / (self.trainer.accumulate_grad_batches * self.trainer.world_size)
             self._normalizer_step = self.global_step
         return self._normalizer
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        if batch.window_loss_tokens is not None:
-            batch.loss_normalizer = self._global_tokens(batch) / (self.accumulate * self.trainer.world_size)
-        parts, aux_losses, metrics = self.objective.compute(self.model, batch)
+    def score(self, batch: Batch, normalizer: float | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        return score(self.model, self.objective, batch, normalizer)
+
+    def training_step(self, step: StepBatch, batch_idx: int) -> torch.Tensor:
+        batch = step.batch
+        parts, aux_losses, metrics = self.score(batch, self._step_normalizer(step.step_loss_tokens))
         loss = parts.pop("loss")
         for name, value in aux_losses.items():
             coef = self.stage.aux_loss_coef.get(name, 0.0)
             if coef:
                 loss = loss + coef * value
             parts[name] = value.detach()
-        log = {f"train/{k}": v for k, v in {**parts, **metrics}.items()}
-        log["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
-        self.log_dict(log, on_step=True, prog_bar=False, batch_size=len(batch))
+        self.log_dict({f"train/{k}": v for k, v in {**parts, **metrics}.items()}, on_step=True, batch_size=len(batch))
         self.log("loss", parts.get("lm_loss", loss.detach()), on_step=True, prog_bar=True, logger=False, batch_size=len(batch))
         return loss
+
+    # -- held-out data: loss (dataloader 0) and generation accuracy (dataloader 1) ----------------
+    def validation_step(self, batch: Batch | PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if isinstance(batch, PromptBatch):
+            predictions = generate_answers(self.model, batch.batch, self.eval_spec.max_new_tokens, self.stop_token_ids)
+            self.accuracy.update(predictions, batch.targets, batch.tasks)
+            return
+        parts, _, _ = self.score(batch, None)
+        tokens = int(batch.num_loss_tokens or 1)  # token-weighted mean over the held-out set
+        self.log("val/loss", parts["lm_loss"], on_epoch=True, batch_size=tokens, add_dataloader_idx=False, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.accuracy.update_called:
+            return
+        result = self.accuracy.compute()
+        self.log_dict({f"val/{k}": v for k, v in result.items()}, add_dataloader_idx=False)
+        self.last_accuracy = {k: float(v) for k, v in result.items()}
+        self.accuracy.reset()
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.stage.optim)
         scheduler = build_scheduler(optimizer, self.stage.optim, self.total_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}

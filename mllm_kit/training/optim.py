@@ -1,4 +1,4 @@
-"""AdamW with per-module learning rates, no decay on norms/biases, and warmup + cosine/linear/constant."""
+"""AdamW with per-module learning rates, no decay on norms/biases, and transformers' warmup + cosine/linear/constant schedules."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import math
 
 import torch
 from torch import nn
+from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from mllm_kit.recipe import OptimSpec
+from mllm_kit.config.recipe import OptimSpec
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -41,21 +42,12 @@ def build_optimizer(model: nn.Module, spec: OptimSpec) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps, fused=None)
 
 
-def lr_lambda(spec: OptimSpec, total_steps: int):
-    """Multiplier of each group's base lr at optimiser step ``step`` (linear warmup, then the schedule)."""
-    warmup = spec.warmup_steps if spec.warmup_steps is not None else math.ceil(spec.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if spec.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if spec.schedule == "cosine" else 1 - progress
-        return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * shape
-
-    return factor
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, spec: OptimSpec, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
+    """transformers' warmup schedules: linear warmup over ``warmup_steps`` (or ``warmup_ratio`` of the steps), then
+    cosine (down to ``min_lr_ratio`` × lr), linear (to 0) or constant."""
+    warmup = spec.warmup_steps if spec.warmup_steps is not None else math.ceil(spec.warmup_ratio * total_steps)
+    if spec.schedule == "cosine":
+        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total_steps, min_lr_rate=spec.min_lr_ratio)
+    if spec.schedule == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    return get_constant_schedule_with_warmup(optimizer, warmup)

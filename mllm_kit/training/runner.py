@@ -1,42 +1,36 @@
 """The stage runner: runs a recipe's stages in order inside one run directory (DESIGN.md, "Recipes").
 
-Run directory::
-
-    recipe.yaml               the fully resolved recipe
-    state.json                per stage: status and where its final weights are (the only hand-off record)
-    data/                     generated synthetic data
-    <stage>/checkpoints/      Lightning checkpoints (full state), written atomically; last.ckpt resumes
-    <stage>/logs/             metrics.csv and TensorBoard events
-    <stage>/final/            the stage's weights: encoder/, llm/ (HF dirs), connector.safetensors, mllm.json
+Before the first stage trains, :func:`mllm_kit.training.preflight.check_run` checks every selected stage (data files,
+batch arithmetic, trainable paths against the model each stage will have). Stage k+1 starts from stage k's
+``final/``; the hand-off is recorded in ``state.json`` only (:mod:`mllm_kit.training.state`).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from mllm_kit.data.templates import get_template
+from mllm_kit.config.recipe import EvalSpec, Recipe, Stage
 from mllm_kit.errors import ConfigError
-from mllm_kit.io import atomic_write_json, atomic_write_text
 from mllm_kit.log import get_logger
 from mllm_kit.model import MLLM
-from mllm_kit.presets import resolve_spec
-from mllm_kit.recipe import Recipe, Stage, accumulation_steps
-from mllm_kit.registry import OBJECTIVES, TRANSFORMS
+from mllm_kit.registry import OBJECTIVES
 from mllm_kit.training.checkpoint import AtomicCheckpointIO
 from mllm_kit.training.data import MLLMDataModule
+from mllm_kit.training.evaluate import EvalResult
 from mllm_kit.training.module import MLLMModule
+from mllm_kit.training.preflight import check_run, check_static
+from mllm_kit.training.stage import apply_transforms, stage_model, world_size
+from mllm_kit.training.state import LAST_CKPT, RunState, write_recipe
 from mllm_kit.training.trainable import apply_trainable, format_table
 
 log = get_logger(__name__)
@@ -44,90 +38,37 @@ log = get_logger(__name__)
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
-STATE_FILE = "state.json"
-RECIPE_FILE = "recipe.yaml"
-LAST_CKPT = "last.ckpt"
 
-
-@dataclass
-class RunState:
-    """What the run directory records about each stage; stage hand-off reads only this."""
-
-    path: Path
-    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, run_dir: Path) -> RunState:
-        file = run_dir / STATE_FILE
-        stages = json.loads(file.read_text())["stages"] if file.is_file() else {}
-        return cls(file, stages)
-
-    def save(self) -> None:
-        atomic_write_json(self.path, {"stages": self.stages})
-
-    def done(self, name: str) -> bool:
-        return self.stages.get(name, {}).get("status") == "done"
-
-    def final_dir(self, name: str) -> Path:
-        return self.path.parent / self.stages[name]["final"]
-
-    def mark(self, name: str, **values: Any) -> None:
-        self.stages.setdefault(name, {}).update(values)
-        self.save()
-
-
-def build_recipe_model(recipe: Recipe) -> MLLM:
-    """The stage-0 model from the recipe's specs, with every template's control tokens in the tokenizer."""
-    if recipe.model.llm is None:
-        raise ConfigError("model.llm: the recipe names no LLM; set a preset (e.g. vicuna_7b_v15) or a spec.")
-    llm = resolve_spec("llms", recipe.model.llm)
-    tokens = {t for s in recipe.stages for t in get_template(s.data.template).special_tokens()}
-    if tokens:
-        llm = {**llm, "special_tokens": sorted(set(llm.get("special_tokens", [])) | tokens)}
-    return MLLM.build(recipe.model.encoder, recipe.model.connector, llm)
-
-
-def stage_model(recipe: Recipe, stage_index: int, state: RunState) -> MLLM:
-    """Stage k+1 starts from stage k's ``final/``; the first stage builds from the recipe."""
-    if stage_index == 0:
-        return build_recipe_model(recipe)
-    previous = recipe.stages[stage_index - 1].name
-    if not state.done(previous):
-        raise ConfigError(
-            f"stage {recipe.stages[stage_index].name!r} starts from stage {previous!r}, which has not finished in this "
-            f"run directory; run it first (include it in --stages)."
-        )
-    return MLLM.from_pretrained(state.final_dir(previous))
-
-
-def apply_transforms(model: MLLM, stage: Stage) -> None:
-    for spec in stage.transforms:
-        transform = TRANSFORMS.build(spec)
-        log.info("stage %s: transform %s", stage.name, getattr(transform, "build_spec", spec))
-        transform(model)
-
-
-def make_trainer(stage: Stage, stage_dir: Path) -> L.Trainer:
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
+def make_trainer(stage: Stage, stage_dir: Path | None, *, max_steps: int = -1, accumulate: int = 1, validate: bool = False) -> L.Trainer:
+    """The Lightning Trainer of a stage, every setting given at construction. Without ``stage_dir``: for evaluation."""
     t, o = stage.trainer, stage.optim
     if t.strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(f"stage {stage.name!r}: trainer.strategy={t.strategy!r} needs DeepSpeed: pip install 'mllm-kit[deepspeed]'.")
-    callbacks: list[Any] = [
-        ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="step-{step}", every_n_train_steps=t.checkpoint_every_n_steps,
-                        save_top_k=0, save_last=True, enable_version_counter=False),
-    ]
+    callbacks: list[Any] = []
     if t.progress:
         from lightning.pytorch.callbacks import RichProgressBar
 
         callbacks.append(RichProgressBar(leave=True))
-    loggers = [CSVLogger(stage_dir, name="logs", version=""), TensorBoardLogger(stage_dir, name="logs", version="")]
+    common = dict(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
+                  deterministic=t.deterministic, enable_model_summary=False, enable_progress_bar=t.progress, num_sanity_val_steps=0)
+    if stage_dir is None:
+        return L.Trainer(logger=False, enable_checkpointing=False, callbacks=callbacks, **common)
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    callbacks += [
+        ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="step-{step}", every_n_train_steps=t.checkpoint_every_n_steps,
+                        save_top_k=0, save_last=True, enable_version_counter=False),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    validation: dict[str, Any] = {"limit_val_batches": 0}
+    if validate and t.val_every_n_steps:
+        # Lightning counts micro-batches between validation runs; the recipe counts optimiser steps.
+        validation = {"val_check_interval": t.val_every_n_steps * accumulate, "check_val_every_n_epoch": None}
     return L.Trainer(
-        max_steps=-1, max_epochs=-1, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy=t.strategy, precision=t.precision, gradient_clip_val=o.grad_clip or None, callbacks=callbacks, logger=loggers,
+        max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=accumulate, gradient_clip_val=o.grad_clip or None,
+        callbacks=callbacks, logger=[CSVLogger(stage_dir, name="logs", version=""), TensorBoardLogger(stage_dir, name="logs", version="")],
         log_every_n_steps=t.log_every_n_steps, use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
-        deterministic=t.deterministic, default_root_dir=stage_dir, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, enable_progress_bar=t.progress,
+        default_root_dir=stage_dir, **validation, **common,
     )
 
 
@@ -144,41 +85,43 @@ class PreparedStage:
     final_dir: Path
 
 
-def prepare_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, resume: bool = False) -> PreparedStage:
+def prepare_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, resume: bool = False,
+                  model: MLLM | None = None) -> PreparedStage:
     stage = recipe.stages[index]
     where = f"stages[{index}]"
     stage_dir = run_dir / stage.name
     L.seed_everything(stage.trainer.seed, workers=True, verbose=False)
-    model = stage_model(recipe, index, state)
+    model = model if model is not None else stage_model(recipe, index, state)
     apply_transforms(model, stage)
     counts = apply_trainable(model, stage.trainable, where=f"{where}.trainable")
     log.info("%s", format_table(counts, f"stage {stage.name!r}: parameters"))
     if stage.trainer.activation_checkpointing:
         model.llm.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
-    trainer = make_trainer(stage, stage_dir)
-    accumulate = accumulation_steps(stage.optim, trainer.world_size, f"{where}.optim")
-    data = MLLMDataModule(model, stage.data, run_dir / "data", stage.optim.micro_batch_size, accumulate, stage.trainer.seed)
-    per_epoch = data.steps_per_epoch(trainer.world_size)
+    world = world_size(stage.trainer)
+    accumulate = stage.optim.accumulation(world, f"{where}.optim")
+    data = MLLMDataModule(model, stage.data, run_dir / "data", stage.optim.micro_batch_size, accumulate, stage.trainer.seed, recipe.eval)
+    per_epoch = data.steps_per_epoch(world)
     if per_epoch == 0:
         raise ConfigError(f"{where}.data: {len(data.dataset)} samples are fewer than one global batch of {stage.optim.global_batch_size}.")
     total_steps = stage.optim.max_steps or math.ceil(stage.optim.epochs * per_epoch)
-    trainer.fit_loop.epoch_loop.max_steps = total_steps
-    trainer.fit_loop.max_epochs = math.ceil(total_steps / per_epoch)
-    trainer.accumulate_grad_batches = accumulate
-    objective = OBJECTIVES.build(stage.objective if isinstance(stage.objective, dict) else {"name": stage.objective})
-    module = MLLMModule(model, stage, objective, total_steps, accumulate)
-
+    objective = OBJECTIVES.build(stage.objective)
+    module = MLLMModule(model, stage, objective, total_steps, recipe.eval, sorted(set(data.tasks.values())),
+                        data.eval_prompts.encoder.stop_token_ids() if data.eval_prompts else None)
+    trainer = make_trainer(stage, stage_dir, max_steps=total_steps, accumulate=accumulate, validate=data.eval_prompts is not None)
+    if trainer.world_size != world:
+        raise ConfigError(f"{where}.trainer: devices={stage.trainer.devices!r} × num_nodes={stage.trainer.num_nodes} gave "
+                          f"{trainer.world_size} processes, not the {world} the batch arithmetic assumed; give devices as a number.")
     ckpt = stage_dir / "checkpoints" / LAST_CKPT
     ckpt_path = str(ckpt) if resume and ckpt.is_file() else None
     log.info("stage %s: %d steps (%d per epoch), global batch %d = %d × %d ranks × %d accumulation%s", stage.name, total_steps,
-             per_epoch, stage.optim.global_batch_size, stage.optim.micro_batch_size, trainer.world_size, accumulate,
+             per_epoch, stage.optim.global_batch_size, stage.optim.micro_batch_size, world, accumulate,
              f", resuming from {ckpt}" if ckpt_path else "")
     return PreparedStage(stage, model, module, data, trainer, ckpt_path, stage_dir / "final")
 
 
-def run_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, resume: bool) -> Path:
-    prepared = prepare_stage(recipe, index, run_dir, state, resume)
+def run_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, resume: bool, model: MLLM | None = None) -> Path:
+    prepared = prepare_stage(recipe, index, run_dir, state, resume, model)
     name = prepared.stage.name
     if prepared.trainer.is_global_zero:
         state.mark(name, status="running")
@@ -204,22 +147,39 @@ def is_launching_process() -> bool:
 
 def fit(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, stages: list[str] | None = None) -> RunState:
     """Run ``stages`` (default: all) of ``recipe`` in ``run_dir``; with ``resume``, finished stages are skipped
-    and an unfinished one continues from its last checkpoint."""
+    and an unfinished one continues from its last checkpoint. Every stage to run is checked before the first trains."""
     run_dir = Path(run_dir)
     state = RunState.load(run_dir)
     selected = [recipe.stage(name).name for name in stages] if stages else [s.name for s in recipe.stages]
-    if is_launching_process():
-        if state.stages and not resume and not stages:
-            raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume to continue it or choose another --run-dir.")
+    launching = is_launching_process()
+    if launching and state.stages and not resume and not stages:
+        raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume to continue it or choose another --run-dir.")
+    resume = resume or not launching  # another rank of this run follows rank 0's record of what has finished
+    todo = [i for i, s in enumerate(recipe.stages) if s.name in selected and not (resume and state.done(s.name))]
+    check_static(recipe, todo)
+    model = stage_model(recipe, todo[0], state) if todo else None
+    if model is not None:
+        check_run(recipe, todo, model)
+    if launching:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / RECIPE_FILE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    else:  # another rank of this run: it follows rank 0's record of what has finished
-        resume = True
+        write_recipe(run_dir, recipe)
     for index, stage in enumerate(recipe.stages):
-        if stage.name not in selected:
-            continue
-        if resume and state.done(stage.name):
+        if stage.name in selected and index not in todo:
             log.info("stage %s: already finished, skipping", stage.name)
-            continue
-        run_stage(recipe, index, run_dir, state, resume)
+        if index in todo:
+            run_stage(recipe, index, run_dir, state, resume, model if index == todo[0] else None)
     return state
+
+
+def evaluate(model: MLLM, recipe: Recipe, stage: Stage, data_root: Path) -> EvalResult:
+    """Held-out loss and generation accuracy of ``model`` on ``stage.data.eval`` (all of it), through Lightning."""
+    if stage.data.eval is None:
+        raise ConfigError(f"stage {stage.name!r} names no eval data (data.eval); set one, e.g. data.eval=synthetic:eval.")
+    full = EvalSpec(**{**vars(recipe.eval), "max_samples": None})
+    data = MLLMDataModule(model, stage.data, data_root, 1, 1, stage.trainer.seed, full, train=False)
+    module = MLLMModule(model, stage, OBJECTIVES.build(stage.objective), eval_spec=full, tasks=sorted(set(data.tasks.values())),
+                        stop_token_ids=data.eval_prompts.encoder.stop_token_ids())
+    trainer = make_trainer(stage, None)
+    metrics = trainer.validate(module, dataloaders=data.val_dataloader(), verbose=False)
+    flat = {k: float(v) for m in metrics for k, v in m.items()}
+    return EvalResult.from_metrics(flat)

@@ -1,4 +1,9 @@
-"""``--smoke``: the same recipe with tiny models of the same families, synthetic data and a few steps."""
+"""``--smoke``: the same recipe with every component shrunk, synthetic data and a few steps per stage.
+
+The encoder and LLM become tiny random models of the same families (:mod:`mllm_kit.tiny`); every connector in the
+spec, nested ones included, takes its class's ``smoke_options`` and then the recipe's ``smoke.connector``; datasets
+become the synthetic ones (evaluation only where the recipe evaluates). Input and output are resolved recipes.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mllm_kit.presets import resolve_spec
-from mllm_kit.recipe import ModelSpec, Recipe
+from mllm_kit.config.recipe import ModelSpec, Recipe
+from mllm_kit.config.resolve import component_class, resolve_component
+from mllm_kit.registry import CONNECTORS
 from mllm_kit.tiny import ENCODER_FAMILIES, LLM_FAMILIES, tiny_encoder_spec, tiny_llm_spec
 
 _ENCODER_FAMILY = {registered: family for family, registered in ENCODER_FAMILIES.items()}
@@ -36,22 +42,36 @@ def tiny_llm_like(spec: dict[str, Any], num_layers: int = 2) -> dict[str, Any]:
     return {**{k: v for k, v in spec.items() if k not in _LLM_SOURCE_KEYS}, **tiny_llm_spec(llm_family(spec), num_layers=num_layers)}
 
 
+def tiny_connector_like(spec: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``spec`` with its class's ``smoke_options`` (and nested connectors shrunk the same way), then ``overrides``."""
+    cls, _ = component_class(CONNECTORS, spec, "model.connector")
+    out = dict(spec)
+    for key, value in getattr(cls, "smoke_options", {}).items():
+        if out.get(key, 0) is not None:  # null means "derived" (e.g. the LLM width): keep deriving it
+            out[key] = value
+    for key in getattr(cls, "nested_specs", {}):
+        if isinstance(out.get(key), dict):
+            out[key] = tiny_connector_like(out[key])
+    return {**out, **(overrides or {})}
+
+
 def smoke_recipe(recipe: Recipe) -> Recipe:
     smoke = recipe.smoke
     model = ModelSpec(
-        encoder=tiny_encoder_like(resolve_spec("encoders", recipe.model.encoder)),
-        connector={**resolve_spec("connectors", recipe.model.connector), **smoke.connector} if smoke.connector else recipe.model.connector,
-        llm=tiny_llm_like(resolve_spec("llms", recipe.model.llm), smoke.llm_layers),
+        encoder=tiny_encoder_like(recipe.model.encoder),
+        connector=resolve_component("connectors", tiny_connector_like(recipe.model.connector, smoke.connector), "smoke.connector"),
+        llm=tiny_llm_like(recipe.model.llm, smoke.llm_layers),
     )
     stages = []
     for stage in recipe.stages:
         split = "synthetic:align" if stage.data.template == "plain" else "synthetic:sft"
-        data = dataclasses.replace(stage.data, train=split, eval="synthetic:eval", image_root=None, synthetic=smoke.synthetic,
-                                   max_length=min(stage.data.max_length, 512), num_workers=0)
+        data = dataclasses.replace(stage.data, train=split, eval="synthetic:eval" if stage.data.eval else None, image_root=None,
+                                   synthetic=smoke.synthetic, max_length=min(stage.data.max_length, 512), num_workers=0)
         optim = dataclasses.replace(stage.optim, global_batch_size=smoke.global_batch_size, micro_batch_size=smoke.micro_batch_size,
                                     max_steps=smoke.steps)
         trainer = dataclasses.replace(stage.trainer, precision="32-true", accelerator="cpu", devices=1, num_nodes=1, strategy="auto",
-                                      checkpoint_every_n_steps=max(1, smoke.steps), log_every_n_steps=1)
+                                      checkpoint_every_n_steps=max(1, smoke.steps), log_every_n_steps=1,
+                                      val_every_n_steps=None if stage.trainer.val_every_n_steps is None else smoke.steps)
         stages.append(dataclasses.replace(stage, data=data, optim=optim, trainer=trainer))
-    eval_spec = dataclasses.replace(recipe.eval, data="synthetic:eval")
+    eval_spec = dataclasses.replace(recipe.eval, max_samples=smoke.synthetic.num_eval)
     return dataclasses.replace(recipe, model=model, stages=stages, eval=eval_spec)

@@ -1,4 +1,4 @@
-"""Loss and learning-rate curves of every stage of a run, as one PNG."""
+"""Loss (training and held-out) and learning-rate curves of every stage of a run, as one PNG."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 from mllm_kit.errors import ConfigError
-from mllm_kit.training.runner import RunState
+from mllm_kit.training.state import RunState
 
 
 def read_metrics(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
@@ -34,12 +34,18 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     fig, axes = plt.subplots(2, len(stages), figsize=(4.5 * len(stages), 6), squeeze=False)
     for col, (name, path) in enumerate(stages):
         metrics = read_metrics(path)
-        for row, key in enumerate(("train/lm_loss", "train/lr")):
+        # LearningRateMonitor logs "lr" (one parameter group) or "lr/pg1", "lr/pg2", ...
+        lr_keys = sorted(k for k in metrics if k == "lr" or k.startswith("lr/"))
+        rows = [("lm_loss", ["train/lm_loss", "val/loss"]), ("lr", lr_keys)]
+        for row, (title, keys) in enumerate(rows):
             ax = axes[row][col]
-            points = metrics.get(key, [])
-            if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points])
-            ax.set_title(f"{name}: {key.split('/')[-1]}")
+            for key in keys:
+                points = metrics.get(key, [])
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], label=key, marker="o" if key.startswith("val/") else None)
+            if len([k for k in keys if metrics.get(k)]) > 1:
+                ax.legend(fontsize="small")
+            ax.set_title(f"{name}: {title}")
             ax.set_xlabel("step")
     fig.tight_layout()
     out = out or run_dir / "report.png"

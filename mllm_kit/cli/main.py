@@ -20,8 +20,7 @@ def _console():
 
 
 def _load(args: argparse.Namespace):
-    from mllm_kit.recipe import load_recipe
-    from mllm_kit.smoke import smoke_recipe
+    from mllm_kit.config import load_recipe, smoke_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     return smoke_recipe(recipe) if args.smoke else recipe
@@ -34,49 +33,55 @@ def _fit(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or Path("runs") / (recipe.name + ("-smoke" if args.smoke else "")))
     stages = [s for s in args.stages.split(",") if s] if args.stages else None
     fit(recipe, run_dir, resume=args.resume, stages=stages)
-    if recipe.eval.data and not args.no_eval and is_launching_process():
+    if recipe.eval_data and not args.no_eval and is_launching_process():
         return _evaluate_run(run_dir)
     return 0
 
 
-def _evaluate_run(run_dir: Path, overrides: list[str] = (), stage_name: str | None = None) -> int:
-    import yaml
+def _evaluate_run(run_dir: Path, overrides: Sequence[str] = (), stage_name: str | None = None) -> int:
+    import dataclasses
 
-    from mllm_kit.evaluate import evaluate
-    from mllm_kit.io import atomic_write_json
+    from mllm_kit.files import atomic_write_json
     from mllm_kit.model import MLLM
-    from mllm_kit.recipe import recipe_from_dict
-    from mllm_kit.training.runner import RECIPE_FILE, RunState
+    from mllm_kit.training.runner import evaluate
+    from mllm_kit.training.state import read_run
 
-    recipe = recipe_from_dict(yaml.safe_load((run_dir / RECIPE_FILE).read_text()))
-    state = RunState.load(run_dir)
+    recipe, state = read_run(run_dir)
     done = [s for s in recipe.stages if state.done(s.name)]
     if not done:
-        raise ConfigError(f"{run_dir}: no finished stage to evaluate.")
+        raise ConfigError(f"{run_dir}: no stage has finished yet; nothing to evaluate.")
     stage = recipe.stage(stage_name) if stage_name else done[-1]
     if not state.done(stage.name):
         raise ConfigError(f"{run_dir}: stage {stage.name!r} has not finished; finished: {[s.name for s in done]}.")
-    connector = _connector_overrides(overrides)
+    connector, data = _eval_overrides(overrides)
+    if data:
+        stage = dataclasses.replace(stage, data=dataclasses.replace(stage.data, **data))
     model = MLLM.from_pretrained(state.final_dir(stage.name), connector=connector)
-    result = evaluate(model, stage.data, recipe.eval, run_dir / "data")
-    name = "-".join(["eval", *([stage.name] if stage_name else []), *sorted(overrides)]) + ".json"
+    result = evaluate(model, recipe, stage, run_dir / "data")
+    name = "-".join(["eval", *([stage.name] if stage_name else []), *sorted(overrides)]).replace("/", "_") + ".json"
     atomic_write_json(run_dir / name, {"stage": stage.name, "accuracy": result.accuracy, "num_samples": result.num_samples,
-                                       "per_task": result.per_task, "overrides": connector})
+                                       "per_task": result.per_task, "loss": result.loss, "overrides": {**connector, **data}})
     suffix = f" with {', '.join(sorted(overrides))}" if overrides else ""
     _console().print(f"[bold]{run_dir.name}[/] (stage {stage.name}{suffix}): {result.summary()}")
     return 0
 
 
-def _connector_overrides(overrides: list[str]) -> dict[str, object]:
-    import yaml
+def _eval_overrides(overrides: Sequence[str]) -> tuple[dict[str, object], dict[str, object]]:
+    """``connector.KEY=VALUE`` (connector options without weights) and ``data.eval=PATH`` overrides of ``mllm-kit eval``."""
+    from omegaconf import OmegaConf
 
-    options: dict[str, object] = {}
+    connector: dict[str, object] = {}
+    data: dict[str, object] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key.startswith("connector.") or len(key) == len("connector."):
-            raise ConfigError(f"eval override {item!r}: expected connector.KEY=VALUE (e.g. connector.scale=36).")
-        options[key.removeprefix("connector.")] = yaml.safe_load(value)
-    return options
+        parsed = OmegaConf.from_dotlist([f"value={value}"])["value"] if sep else None
+        if sep and key.startswith("connector.") and len(key) > len("connector."):
+            connector[key.removeprefix("connector.")] = parsed
+        elif sep and key == "data.eval":
+            data["eval"] = str(parsed)
+        else:
+            raise ConfigError(f"eval override {item!r}: expected connector.KEY=VALUE (e.g. connector.scale=36) or data.eval=PATH.")
+    return connector, data
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -84,7 +89,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from mllm_kit.report import write_report
+    from mllm_kit.cli.report import write_report
 
     path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
     _console().print(f"wrote {path}")
@@ -94,8 +99,8 @@ def _report(args: argparse.Namespace) -> int:
 def _recipes(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from mllm_kit.presets import list_presets
-    from mllm_kit.recipe import load_recipe
+    from mllm_kit.config import load_recipe
+    from mllm_kit.config.presets import list_presets
 
     table = Table(title="recipe zoo")
     for column in ("recipe", "description", "stages"):
@@ -110,27 +115,29 @@ def _recipes(args: argparse.Namespace) -> int:
 def _components(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    import mllm_kit  # noqa: F401  (registers the built-ins)
-    from mllm_kit.presets import GROUPS, list_presets
+    from mllm_kit.config.presets import GROUPS, list_presets, preset_path
     from mllm_kit.registry import REGISTRIES
 
     table = Table(title="mllm-kit components")
-    table.add_column("registry")
-    table.add_column("names")
+    for column in ("kind", "name", "from"):
+        table.add_column(column)
     for kind, registry in REGISTRIES.items():
-        table.add_row(kind, ", ".join(registry.names()) or "-")
+        for name in registry.names():
+            table.add_row(kind, name, registry.origin(name))
     for group in GROUPS:
-        table.add_row(f"presets: {group}/", ", ".join(list_presets(group)) or "-")
+        for name in list_presets(group):
+            table.add_row(f"preset: {group}", name, str(preset_path(group, name).parent))
     _console().print(table)
     return 0
 
 
 def _data_synth(args: argparse.Namespace) -> int:
-    from mllm_kit.data.synthetic import SynthConfig, generate
+    from mllm_kit.data.synthetic import SynthConfig, generate, parse_radius
 
     config = SynthConfig(
         seed=args.seed, image_size=args.image_size, num_align=args.num_align, num_sft=args.num_sft,
         num_eval=args.num_eval, tasks=tuple(args.tasks.split(",")), blank_images=args.blank_images,
+        radius=parse_radius(args.radius) if args.radius else None,
     )
     paths = generate(args.out, config)
     _console().print(f"synthetic data in {paths.root}: {paths.align.name}, {paths.sft.name}, {paths.eval.name}")
@@ -138,9 +145,9 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 
 def _data_inspect(args: argparse.Namespace) -> int:
-    from mllm_kit.inspect import render_sample
+    from mllm_kit.cli.samples import render_sample
     from mllm_kit.training.data import build_dataset
-    from mllm_kit.training.runner import build_recipe_model
+    from mllm_kit.training.stage import build_recipe_model
 
     recipe = _load(args)
     stage = recipe.stage(args.stage) if args.stage else recipe.stages[0]
@@ -156,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllm-kit", description="Assemble and train multimodal LLMs from swappable parts.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fit", help="run every stage of a recipe (then evaluate, if the recipe has eval data)")
+    p = sub.add_parser("fit", help="run every stage of a recipe (then evaluate, if its last stage names data.eval)")
     p.add_argument("--recipe", required=True, help="recipe file, or the name of one in the zoo")
     p.add_argument("--smoke", action="store_true", help="tiny models of the same families, synthetic data, a few steps per stage")
     p.add_argument("--run-dir", help="run directory (default: runs/<recipe name>)")
@@ -166,11 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 stages.sft.optim.max_steps=10")
     p.set_defaults(func=_fit)
 
-    p = sub.add_parser("eval", help="held-out accuracy of a run's last finished stage (or --stage)")
+    p = sub.add_parser("eval", help="held-out loss and accuracy of a run's last finished stage (or --stage) on its data.eval")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--stage", help="evaluate this finished stage instead of the last (writes eval-STAGE.json)")
-    p.add_argument("overrides", nargs="*", metavar="connector.KEY=VALUE",
-                   help="connector options to change for this evaluation, e.g. connector.scale=36 (Matryoshka)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="connector.KEY=VALUE: connector options for this evaluation, e.g. connector.scale=36 (Matryoshka); "
+                        "data.eval=PATH: another held-out set")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("report", help="plot loss and learning-rate curves of every stage to a PNG")
@@ -189,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--radius", metavar="MIN,MAX", default=None,
+                   help="shape half-size range in px (default: IMAGE_SIZE/8,IMAGE_SIZE/4, i.e. 8,16 at 64)")
     p.add_argument("--num-align", type=int, default=2000)
     p.add_argument("--num-sft", type=int, default=12000)
     p.add_argument("--num-eval", type=int, default=600)

@@ -1,0 +1,1 @@
+"""The ``mllm-kit`` command line (``python -m mllm_kit.cli``)."""

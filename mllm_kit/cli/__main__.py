@@ -1,0 +1,5 @@
+import sys
+
+from mllm_kit.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,211 @@
+"""Recipe files → a resolved :class:`Recipe`, checked once (DESIGN.md, "Recipes").
+
+Order: the file and its ``base:`` chain are merged with OmegaConf (mappings merge, lists and values replace,
+``stages`` merge by name); ``key=value`` overrides apply (a stage is addressed by name or index); model presets
+expand into full specs; ``${...}`` interpolations resolve over the whole tree (so ``${model.llm.family}`` sees the
+preset's fields, and ``${tiny_tokenizer:}`` is the offline tokenizer's directory); the tree is validated against
+the schema; each stage's overrides merge over the recipe-level defaults; and every registry name — components
+(nested ones too), transforms, objectives, templates — is checked. A misspelling anywhere, in any stage, fails here
+in seconds with the key path and the closest valid names, before anything trains.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mllm_kit.config.presets import preset_path, read_yaml
+from mllm_kit.config.recipe import DataSpec, OptimSpec, Recipe, RecipeSpec, Stage, TrainerSpec
+from mllm_kit.config.resolve import check_template, expand, resolve_component, resolve_named
+from mllm_kit.config.validate import to_dict, validate
+from mllm_kit.errors import ConfigError, did_you_mean
+from mllm_kit.registry import OBJECTIVES, TRANSFORMS
+
+MODEL_GROUPS = {"encoder": "encoders", "connector": "connectors", "llm": "llms"}
+
+
+def _tiny_tokenizer() -> str:
+    from mllm_kit.tiny import tiny_tokenizer
+
+    return str(tiny_tokenizer())
+
+
+OmegaConf.register_resolver("tiny_tokenizer", _tiny_tokenizer, replace=True)
+
+
+def find_recipe(path_or_name: str) -> Path:
+    """A recipe file path, or the name of one in the zoo (``quickstart`` → the packaged ``quickstart.yaml``)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    if path.suffix in (".yaml", ".yml") and path.parent != Path("."):
+        raise ConfigError(f"recipe file {path_or_name!r} does not exist.")
+    return preset_path("recipes", path.stem)
+
+
+def read_recipe(path_or_name: str, seen: tuple[str, ...] = ()) -> tuple[Path, DictConfig]:
+    """The recipe tree with its ``base:`` chain merged in (interpolations unresolved)."""
+    path = find_recipe(path_or_name)
+    raw = read_yaml(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return path, OmegaConf.create(raw)
+    if str(base) in seen:
+        raise ConfigError(f"{path}: base recipes form a cycle: {' → '.join((*seen, str(base)))}.")
+    _, parent = read_recipe(str(base), (*seen, str(base)))
+    stages = _merge_stages(parent.pop("stages", None) or [], raw.pop("stages", None) or [], path)
+    try:
+        merged = OmegaConf.merge(parent, raw)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: cannot merge over base {base!r}: {err}") from None
+    merged.stages = stages
+    return path, merged
+
+
+def _merge_stages(base: Any, override: list[Any], path: Path) -> list[Any]:
+    """A derived recipe changes its base's stages by name and appends new ones."""
+    merged = list(base)
+    names = [s.get("name") if isinstance(s, (dict, DictConfig)) else None for s in merged]
+    for i, stage in enumerate(override):
+        if not isinstance(stage, dict) or "name" not in stage:
+            raise ConfigError(f"{path}: stages[{i}] needs a name: a recipe with a base changes the base's stages by name "
+                              f"(base stages: {[n for n in names if n]}) or appends new ones.")
+        if stage["name"] in names:
+            k = names.index(stage["name"])
+            merged[k] = OmegaConf.merge(merged[k], stage)
+        else:
+            merged.append(OmegaConf.create(stage))
+            names.append(stage["name"])
+    return merged
+
+
+def load_recipe(path_or_name: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load, override, expand presets, interpolate, validate and check (see the module docstring)."""
+    path, tree = read_recipe(path_or_name, (Path(path_or_name).stem,))
+    _expand_model(tree, path)
+    for override in overrides:
+        apply_override(tree, override)
+    _expand_model(tree, path)  # an override may name another preset
+    try:
+        data = OmegaConf.to_container(tree, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: cannot resolve interpolation: {err}") from None
+    recipe = recipe_from_dict(data)
+    recipe.source = str(path)
+    return recipe
+
+
+def _expand_model(tree: DictConfig, path: Path) -> None:
+    model = tree.get("model")
+    if not isinstance(model, DictConfig):
+        return
+    for key, group in MODEL_GROUPS.items():
+        spec = model.get(key)
+        if spec is None:
+            continue
+        raw = OmegaConf.to_container(spec, resolve=False) if isinstance(spec, DictConfig) else spec
+        if isinstance(raw, str) and raw.startswith("${"):
+            continue  # an interpolation: resolved with the whole tree
+        model[key] = expand(group, raw, f"model.{key}")
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """A :class:`Recipe` from a plain mapping (a recipe file's content, or a saved resolved recipe)."""
+    return resolve(validate(data, RecipeSpec, ""))
+
+
+def resolve(spec: RecipeSpec) -> Recipe:
+    if not spec.stages:
+        raise ConfigError("stages: a recipe needs at least one stage.")
+    names = [s.name for s in spec.stages]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ConfigError(f"stages: stage names must be unique; repeated: {sorted(dupes)}.")
+    model = spec.model
+    if model.llm is None:
+        raise ConfigError("model.llm: the recipe names no LLM; set a preset (e.g. vicuna_7b_v15) or a spec.")
+    for key, group in MODEL_GROUPS.items():
+        setattr(model, key, resolve_component(group, getattr(model, key), f"model.{key}"))
+    stages = [_resolve_stage(spec, i) for i in range(len(spec.stages))]
+    return Recipe(spec.name, spec.description, spec.citation, model, stages, spec.eval, spec.smoke)
+
+
+def _resolve_stage(spec: RecipeSpec, index: int) -> Stage:
+    s, where = spec.stages[index], f"stages[{index}]"
+    if not s.trainable:
+        raise ConfigError(f"{where}.trainable: stage {s.name!r} trains nothing; list module paths such as [connector] or [connector, llm].")
+    data = _merge(spec.data, s.data, DataSpec, f"{where}.data")
+    optim = _merge(spec.optim, s.optim, OptimSpec, f"{where}.optim")
+    trainer = _merge(spec.trainer, s.trainer, TrainerSpec, f"{where}.trainer")
+    _check_optim(optim, f"{where}.optim")
+    check_template(data.template, f"{where}.data.template")
+    transforms = [resolve_named(TRANSFORMS, t, f"{where}.transforms[{k}]") for k, t in enumerate(s.transforms)]
+    objective = resolve_named(OBJECTIVES, s.objective, f"{where}.objective")
+    return Stage(s.name, s.trainable, transforms, objective, s.aux_loss_coef, data, optim, trainer)
+
+
+def _merge(base: Any, override: dict[str, Any], schema: type, path: str) -> Any:
+    try:
+        merged = OmegaConf.to_container(OmegaConf.merge(to_dict(base), override))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return validate(merged, schema, path)
+
+
+def _check_optim(optim: OptimSpec, path: str) -> None:
+    for key in ("global_batch_size", "micro_batch_size"):
+        if getattr(optim, key) <= 0:
+            raise ConfigError(f"{path}.{key}: must be positive, got {getattr(optim, key)}.")
+    optim.accumulation(1, path)  # the device count is checked again before training, when it is known
+    if not 0 <= optim.warmup_ratio < 1:
+        raise ConfigError(f"{path}.warmup_ratio: must be in [0, 1), got {optim.warmup_ratio}.")
+    if optim.lr <= 0:
+        raise ConfigError(f"{path}.lr: must be positive, got {optim.lr}.")
+    if optim.min_lr_ratio and optim.schedule != "cosine":
+        raise ConfigError(f"{path}.min_lr_ratio: applies to the cosine schedule only (schedule is {optim.schedule!r}).")
+
+
+# -- command-line overrides ---------------------------------------------------------------------------
+def apply_override(tree: DictConfig, override: str) -> None:
+    """Apply ``a.b.c=value`` (the value parsed as YAML by OmegaConf). A ``stages`` element may be addressed by name or index."""
+    key, sep, value_text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like key.path=value.")
+    try:
+        value = OmegaConf.from_dotlist([f"value={value_text}"])["value"]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"override {override!r}: cannot parse the value: {err}") from None
+    parts = key.split(".")
+    if parts[0] == "stages" and len(parts) > 1:
+        stages = tree.get("stages") or []
+        parts[1] = str(_stage_index(stages, parts[1], ".".join(parts[:2])))
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node[int(part)] if isinstance(node, list) or OmegaConf.is_list(node) else node.get(part)
+        if child is None:
+            node[part] = {}
+            child = node[part]
+        elif not (OmegaConf.is_dict(child) or OmegaConf.is_list(child)):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is {child!r}, not a mapping.")
+        node = child
+    last = parts[-1]
+    if OmegaConf.is_list(node):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _stage_index(stages: Any, part: str, where: str) -> int:
+    if part.lstrip("-").isdigit():
+        index = int(part)
+        if not -len(stages) <= index < len(stages):
+            raise ConfigError(f"override {where}: index {index} out of range ({len(stages)} stages).")
+        return index % len(stages)
+    names = [s.get("name") for s in stages]
+    if part not in names:
+        raise ConfigError(f"override {where}: no stage named {part!r}.{did_you_mean(part, [n for n in names if n])} "
+                          f"Stages: {', '.join(map(str, names))}.")
+    return names.index(part)

@@ -1,0 +1,189 @@
+"""The recipe schema: dataclasses for the file as written (:class:`RecipeSpec`) and as resolved (:class:`Recipe`).
+
+A recipe has ``model`` (encoder / connector / llm: preset names or specs), recipe-level defaults for ``data``,
+``optim`` and ``trainer``, and an ordered ``stages`` list whose entries may override any of those fields.
+:mod:`mllm_kit.config.load` turns a file into a :class:`Recipe` once: every preset expanded into a full component
+spec, every stage merged and every registry name checked. Nothing downstream resolves again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mllm_kit.config.validate import to_dict
+from mllm_kit.data.synthetic import SynthConfig
+from mllm_kit.errors import ConfigError, did_you_mean
+
+
+@dataclass
+class ModelSpec:
+    """Component specs. As written: a preset name, ``{preset: name, **overrides}``, ``{name: registered, **options}``
+    or ``{_target_: pkg.mod.Class, **options}``; once resolved, always a full mapping with ``name`` or ``_target_``."""
+
+    encoder: Any = "clip_vit_l14_336"
+    connector: Any = "mlp2x_gelu"
+    llm: Any = None
+
+
+@dataclass
+class DataSpec:
+    """``train``/``eval``: a LLaVA JSON/JSONL path, or ``synthetic:align|sft|eval``; a stage with ``eval`` data reports
+    held-out loss and generation accuracy on it (see ``trainer.val_every_n_steps``), and the last stage's ``eval`` is
+    what ``mllm-kit fit`` evaluates after training; without it nothing is evaluated. ``image_mode`` overrides the
+    encoder's resize mode for this data (LLaVA-1.5 pads to square only in SFT). ``system_prompt`` replaces the
+    template's default system prompt (``""``: none) for samples without one. ``length_group_size``: how many
+    global micro-batches are sorted by length together before shuffling (1 = LLaVA's grouping)."""
+
+    train: str | None = None
+    eval: str | None = None
+    image_root: str | None = None
+    template: str = "chatml"
+    system_prompt: str | None = None
+    image_mode: Literal["resize", "center_crop", "pad"] | None = None
+    max_length: int = 2048
+    truncation: Literal["trim", "drop"] = "trim"
+    group_by_modality: bool = True
+    length_group_size: int = 1
+    num_workers: int = 0
+    synthetic: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class OptimSpec:
+    lr: float = 2e-5
+    module_lr: dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    global_batch_size: int = 128
+    micro_batch_size: int = 16
+    epochs: float = 1.0
+    max_steps: int | None = None
+
+    def accumulation(self, world_size: int, path: str = "optim") -> int:
+        """global batch = micro batch × devices × nodes × accumulation; anything else is an error."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"{path}.global_batch_size={self.global_batch_size} is not divisible by micro_batch_size × world size = "
+                f"{self.micro_batch_size} × {world_size} = {per_step}; change one of them."
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class TrainerSpec:
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    activation_checkpointing: bool = False
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 500
+    val_every_n_steps: int | None = None  # optimiser steps between validation runs on data.eval (None: at the end only)
+    seed: int = 0
+    deterministic: bool = False
+    progress: bool = True
+
+
+@dataclass
+class EvalSpec:
+    """Generation settings of held-out evaluation (during training and after it); the data is each stage's ``data.eval``.
+    ``max_samples`` caps the samples validation reads during training (the final evaluation reads all)."""
+
+    max_new_tokens: int = 8
+    batch_size: int = 32
+    max_samples: int | None = None
+
+
+@dataclass
+class SmokeSpec:
+    """What ``--smoke`` uses: tiny models of the same families, synthetic data, a few steps per stage."""
+
+    steps: int = 3
+    global_batch_size: int = 4
+    micro_batch_size: int = 2
+    synthetic: SynthConfig = field(default_factory=lambda: SynthConfig(num_align=32, num_sft=32, num_eval=16))
+    # connector options that must change to fit the tiny models (e.g. Matryoshka scales for a 4×4 grid)
+    connector: dict[str, Any] = field(default_factory=dict)
+    llm_layers: int = 2
+
+
+@dataclass
+class StageSpec:
+    name: str
+    trainable: list[str]
+    transforms: list[Any] = field(default_factory=list)
+    objective: Any = "lm"
+    aux_loss_coef: dict[str, float] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    optim: dict[str, Any] = field(default_factory=dict)
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RecipeSpec:
+    """The file as written (before stage overrides are merged)."""
+
+    name: str
+    stages: list[StageSpec]
+    description: str = ""
+    citation: str = ""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    trainer: TrainerSpec = field(default_factory=TrainerSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    smoke: SmokeSpec = field(default_factory=SmokeSpec)
+
+
+@dataclass
+class Stage:
+    """A stage with recipe-level defaults and its own overrides merged; ``transforms`` and ``objective`` are full specs
+    (``{name: ..., **options}``)."""
+
+    name: str
+    trainable: list[str]
+    transforms: list[dict[str, Any]]
+    objective: dict[str, Any]
+    aux_loss_coef: dict[str, float]
+    data: DataSpec
+    optim: OptimSpec
+    trainer: TrainerSpec
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str
+    citation: str
+    model: ModelSpec
+    stages: list[Stage]
+    eval: EvalSpec
+    smoke: SmokeSpec
+    source: str = ""
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        names = [s.name for s in self.stages]
+        raise ConfigError(f"recipe {self.name!r} has no stage {name!r}.{did_you_mean(name, names)} Stages: {', '.join(names)}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A recipe file equivalent to this resolved recipe (each stage carries its merged settings)."""
+        data = to_dict(self)
+        data.pop("source", None)
+        return data
+
+    @property
+    def eval_data(self) -> str | None:
+        """What ``mllm-kit fit`` evaluates after the last stage: that stage's ``data.eval``."""
+        return self.stages[-1].data.eval

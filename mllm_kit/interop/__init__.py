@@ -1,0 +1,1 @@
+"""Interop with other model formats: transformers' LLaVA."""
