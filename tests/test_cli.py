@@ -70,11 +70,14 @@ def test_bad_recipe_key_is_a_clean_error(tmp_path, capsys):
 
 # Every zoo recipe runs with --smoke; these three have tests of their own (above, test_quickstart, test_llava_moe).
 SMOKED_ELSEWHERE = ("quickstart", "llava15", "llava_moe")
+SMOKE_RUN_LIMIT = 40 * 2**20  # every component shrinks under --smoke (BLIP-2's full Q-Former alone left 2.8 GB)
 
 
 @pytest.mark.parametrize("recipe", [r for r in list_presets("recipes") if r not in SMOKED_ELSEWHERE])
 def test_zoo_recipe_runs_with_smoke(recipe, tmp_path):
     assert main(["fit", "--recipe", recipe, "--smoke", "--run-dir", str(tmp_path), "trainer.progress=false", "--no-eval"]) == 0
+    size = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())
+    assert size < SMOKE_RUN_LIMIT, f"--smoke left {size / 2**20:.1f} MiB: some component was not shrunk"
     state = json.loads((tmp_path / "state.json").read_text())["stages"]
     assert all(s["status"] == "done" for s in state.values()) and sorted(state) == sorted(s.name for s in load_recipe(recipe).stages)
     spec = json.loads((tmp_path / load_recipe(recipe).stages[-1].name / "final" / "mllm.json").read_text())

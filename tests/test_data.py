@@ -17,7 +17,7 @@ from mllm_kit import MLLM, Batch
 from mllm_kit.batch import IGNORE_INDEX
 from mllm_kit.data import LlavaDataset, PadCollator, Sample, grouped_indices, load_records
 from mllm_kit.data.templates import Turn, get_template
-from mllm_kit.data.tokenize import ConversationEncoder
+from mllm_kit.data.conversation import ConversationEncoder
 from mllm_kit.data.transforms import HALF, ImageTransform
 from mllm_kit.errors import ConfigError, DataError
 from mllm_kit.model import ImageTokenMismatch

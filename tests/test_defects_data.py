@@ -19,7 +19,7 @@ from mllm_kit.config.validate import validate
 from mllm_kit.data import LlavaDataset, load_records
 from mllm_kit.data.synthetic import SynthConfig, generate, parse_radius
 from mllm_kit.data.templates import get_template
-from mllm_kit.data.tokenize import ConversationEncoder
+from mllm_kit.data.conversation import ConversationEncoder
 from mllm_kit.data.transforms import HALF, ImageTransform
 from mllm_kit.errors import ConfigError, DataError
 from mllm_kit.log import get_logger

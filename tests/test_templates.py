@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from mllm_kit.batch import IGNORE_INDEX
 from mllm_kit.data.templates import Template, Turn, get_template
-from mllm_kit.data.tokenize import ConversationEncoder, Encoded, ImageSpan, truncate
+from mllm_kit.data.conversation import ConversationEncoder, Encoded, ImageSpan, truncate
 from mllm_kit.errors import ConfigError, DataError, RegistryError
 from mllm_kit.registry import TEMPLATES
 from mllm_kit.tiny import tiny_tokenizer

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from mllm_kit.data.formats import Record, load_records
 from mllm_kit.data.images import load_image
-from mllm_kit.data.tokenize import ConversationEncoder, Truncation, truncate
+from mllm_kit.data.conversation import ConversationEncoder, Truncation, truncate
 from mllm_kit.data.transforms import CropGridTransform, ImageTransform, ImageViews
 from mllm_kit.errors import DataError
 from mllm_kit.log import get_logger

@@ -1,6 +1,6 @@
 """Conversation templates: render turns into text segments marked supervised or not.
 
-A template never tokenizes; :mod:`mllm_kit.data.tokenize` encodes each segment separately and labels
+A template never tokenizes; :mod:`mllm_kit.data.conversation` encodes each segment separately and labels
 only supervised ones, so label masks never depend on string-split offset arithmetic (the source of
 LLaVA's "tokenization mismatch", specs/anchors.md §9.1). Supervised segments are exactly the assistant
 replies plus the template's stop token (EOS, ``<|im_end|>``, ``<|eot_id|>``, ...).

@@ -18,7 +18,7 @@ from mllm_kit.data.dataset import LlavaDataset
 from mllm_kit.data.sampler import grouped_indices
 from mllm_kit.data.synthetic import generate
 from mllm_kit.data.templates import get_template
-from mllm_kit.data.tokenize import ConversationEncoder
+from mllm_kit.data.conversation import ConversationEncoder
 from mllm_kit.config.recipe import DataSpec, EvalSpec
 from mllm_kit.errors import ConfigError
 from mllm_kit.model import MLLM

@@ -1,0 +1,1 @@
+"""Training: the LightningModule, stage data, the stage runner and its run directory, held-out evaluation."""
