@@ -121,7 +121,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_recipe
     data = tiny_recipe(max_steps=2)
     data["stages"][1]["optim"] = {"max_steps": 40}
     data["trainer"]["checkpoint_every_n_steps"] = 5
-    data["eval"]["data"] = None
+    data["data"].pop("eval")  # nothing to evaluate
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(data))
     cmd = [sys.executable, "-m", "mllm_kit.cli", "fit", "--recipe", str(recipe), "--run-dir"]

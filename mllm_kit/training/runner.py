@@ -51,7 +51,8 @@ def make_trainer(stage: Stage, stage_dir: Path | None, *, max_steps: int = -1, a
         callbacks.append(RichProgressBar(leave=True))
     common = dict(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
                   deterministic=t.deterministic, enable_model_summary=False, enable_progress_bar=t.progress, num_sanity_val_steps=0)
-    if stage_dir is None:
+    if stage_dir is None:  # evaluation: one process on the stage's accelerator (no launcher for a CLI command)
+        common.update(devices=1, num_nodes=1, strategy="auto")
         return L.Trainer(logger=False, enable_checkpointing=False, callbacks=callbacks, **common)
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -90,8 +91,7 @@ def prepare_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, re
     stage = recipe.stages[index]
     where = f"stages[{index}]"
     stage_dir = run_dir / stage.name
-    L.seed_everything(stage.trainer.seed, workers=True, verbose=False)
-    model = model if model is not None else stage_model(recipe, index, state)
+    model = model if model is not None else stage_model(recipe, index, state)  # seeds the stage's RNG streams
     apply_transforms(model, stage)
     counts = apply_trainable(model, stage.trainable, where=f"{where}.trainable")
     log.info("%s", format_table(counts, f"stage {stage.name!r}: parameters"))

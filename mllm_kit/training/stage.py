@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import lightning as L
+
 from mllm_kit.config.recipe import Recipe, Stage, TrainerSpec
 from mllm_kit.data.templates import get_template
 from mllm_kit.errors import ConfigError
@@ -23,7 +25,9 @@ def build_recipe_model(recipe: Recipe) -> MLLM:
 
 
 def stage_model(recipe: Recipe, stage_index: int, state: RunState) -> MLLM:
-    """Stage k+1 starts from stage k's ``final/``; the first stage builds from the recipe."""
+    """Stage k+1 starts from stage k's ``final/``; the first stage builds from the recipe. The stage's seed is set
+    first, so fresh weights (a connector trained from scratch) are a function of the recipe."""
+    L.seed_everything(recipe.stages[stage_index].trainer.seed, workers=True, verbose=False)
     if stage_index == 0:
         return build_recipe_model(recipe)
     previous = recipe.stages[stage_index - 1].name
