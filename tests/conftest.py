@@ -48,3 +48,21 @@ def _tiny_recipe(**stage_optim) -> dict:
 @pytest.fixture
 def tiny_recipe():
     return _tiny_recipe
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer(tmp_path_factory):
+    """``real_tokenizer(name)`` → a real tokenizer (``tests/real_tokenizers.py``: mistral_v1, mistral_v3, tekken, qwen),
+    built offline from test-only packages once per session, saved and loaded back with ``AutoTokenizer``.
+    Instances are shared across tests: do not modify them."""
+    from real_tokenizers import load_real_tokenizer
+
+    root = tmp_path_factory.mktemp("real_tokenizers")
+    loaded: dict = {}
+
+    def get(name: str):
+        if name not in loaded:
+            loaded[name] = load_real_tokenizer(name, root)
+        return loaded[name]
+
+    return get

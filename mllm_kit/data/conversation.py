@@ -1,11 +1,34 @@
-"""Turn-by-turn tokenisation with exact label masks, image expansion and image-safe truncation."""
+"""Whole-string tokenisation with offset labels, image expansion and image-safe truncation.
+
+One function turns text into ids for training, generation prompts, evaluation and instance-level gates
+(:meth:`ConversationEncoder.encode_text`), so a prompt is always tokenised as the same characters are in training:
+
+1. The template renders the conversation to one string, with the character ranges of its supervised parts
+   (each assistant reply plus its stop token).
+2. The string is split **only at** ``<image>`` placeholders. Each text chunk is encoded whole, in one
+   tokenizer call (``add_special_tokens=False``; control tokens in the text, such as ``</s>`` or
+   ``<|im_end|>``, become their single ids), and each placeholder becomes ``tokens_per_image`` image-token
+   ids. This is LLaVA's ``tokenizer_image_token``: a SentencePiece tokenizer starts every chunk, including the
+   one right after an image, with its ``▁`` dummy prefix, exactly as LLaVA trains and prompts.
+3. A token is supervised iff the characters it covers (the fast tokenizer's ``offset_mapping``) overlap a
+   supervised range. A token that straddles the start of a reply — e.g. Qwen's ``"\\n\\n"`` when a reply that
+   starts with ``"\\n"`` follows a ``"\\n"`` header — is therefore labelled with the reply; this is the only way a
+   supervised token can carry characters from outside a reply. A token with an empty span counts as covering
+   the character at its start.
+
+Tokenizers without offsets (slow, Python or mistral-common backends) get the same labels from prefix encodings:
+a reply starts at the first token where the encoding of the chunk up to that character stops being a prefix of
+the chunk's encoding (slower: one extra call per reply boundary).
+"""
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from mllm_kit.batch import IGNORE_INDEX
@@ -14,6 +37,11 @@ from mllm_kit.errors import ConfigError
 
 Truncation = Literal["trim", "drop"]
 TRUNCATIONS = ("trim", "drop")
+Range = tuple[int, int]
+Key = tuple[str, tuple[Range, ...]]  # a text chunk and the supervised character ranges in it
+Piece = tuple[list[int], tuple[Range, ...]]  # its ids and the [first, last) token runs that are supervised
+CACHE_ENTRIES = 4096  # chunks kept per encoder ...
+CACHE_CHARS = 512  # ... of at most this many characters
 
 
 @dataclass(frozen=True)
@@ -42,6 +70,22 @@ class Encoded:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
+def render_segments(segments: Sequence[Segment]) -> tuple[str, list[Range]]:
+    """The rendered string of ``segments`` and the ``[start, end)`` character ranges of the supervised ones."""
+    text: list[str] = []
+    ranges: list[Range] = []
+    position = 0
+    for segment in segments:
+        if segment.supervised and segment.text:
+            if ranges and ranges[-1][1] == position:  # adjacent supervised segments form one range
+                ranges[-1] = (ranges[-1][0], position + len(segment.text))
+            else:
+                ranges.append((position, position + len(segment.text)))
+        text.append(segment.text)
+        position += len(segment.text)
+    return "".join(text), ranges
+
+
 class ConversationEncoder:
     """Encodes turns with a template; each ``<image>`` becomes ``tokens_per_image`` image-token ids."""
 
@@ -54,37 +98,121 @@ class ConversationEncoder:
         self.image_token_id = int(image_token_id)
         self.tokens_per_image = int(tokens_per_image)
         self.system_prompt = system_prompt
-        self._cache: dict[str, list[int]] = {}
+        # Fast (tokenizers-backed) tokenizers give character offsets; others take the prefix-encoding route.
+        self.uses_offsets = bool(getattr(tokenizer, "is_fast", False))
+        # (chunk, its supervised character ranges) → (ids, supervised token runs). A chunk's tokens depend only on
+        # its text, so repeated chunks (the system prompt + first user header before an image, templated
+        # questions) are tokenised once. Bounded; build a new encoder if the tokenizer's vocabulary changes.
+        self._cache: dict[Key, Piece] = {}
+        # The tokenizers.Tokenizer that tokenizer(...) calls, used directly where that is the same (it saves the
+        # BatchEncoding round trip); checked against tokenizer(...) on first use.
+        self._backend = _direct_backend(tokenizer)
+        self._backend_checked = False
 
-    def _text_ids(self, text: str) -> list[int]:
-        # Prompt scaffolding (system prompt, headers) repeats across samples; cache short strings.
-        ids = self._cache.get(text)
-        if ids is None:
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-            if len(text) <= 256 and len(self._cache) < 4096:
-                self._cache[text] = ids
-        return ids
+    # -- the one tokenisation ------------------------------------------------------------------------
+    def _tokenize(self, chunks: list[str], offsets: bool) -> tuple[list[list[int]], list[list[Range]] | None]:
+        """Each chunk encoded whole (no BOS/EOS: the template decides those), as ``tokenizer(chunk,
+        add_special_tokens=False)`` encodes it."""
+        backend = self._backend
+        if (backend is not None and backend.truncation is None and backend.padding is None
+                and backend.encode_special_tokens == bool(getattr(self.tokenizer, "split_special_tokens", False))):
+            encodings = [backend.encode(chunk, add_special_tokens=False) for chunk in chunks]
+            out = [e.ids for e in encodings], ([e.offsets for e in encodings] if offsets else None)
+            if self._backend_checked:
+                return out
+            self._backend_checked = True
+            reference = self._tokenize_with_tokenizer(chunks, offsets)
+            if out == reference:
+                return out
+            self._backend = None
+            return reference
+        return self._tokenize_with_tokenizer(chunks, offsets)
 
-    def encode_segments(self, segments: Sequence[Segment]) -> Encoded:
+    def _tokenize_with_tokenizer(self, chunks: list[str], offsets: bool) -> tuple[list[list[int]], list[list[Range]] | None]:
+        out = self.tokenizer(chunks, add_special_tokens=False, return_offsets_mapping=offsets, return_attention_mask=False)
+        return [list(ids) for ids in out["input_ids"]], ([list(o) for o in out["offset_mapping"]] if offsets else None)
+
+    def encode_text(self, text: str, supervised: Sequence[Range] = (), bos: bool | None = None) -> Encoded:
+        """``text`` split at ``<image>``, each chunk encoded whole; tokens overlapping a ``supervised`` character
+        range ``[start, end)`` get labels. ``bos`` (default: the template's ``add_bos``) prepends the BOS id."""
+        bos = self.template.add_bos if bos is None else bos
+        chunks = text.split(IMAGE_PLACEHOLDER)
+        keys: list[Key] = []
+        start = 0
+        for chunk in chunks:  # each chunk with the supervised ranges inside it, relative to the chunk
+            end = start + len(chunk)
+            keys.append((chunk, tuple((max(a - start, 0), min(b - start, end - start)) for a, b in supervised
+                                      if a < end and b > start and a < b)))
+            start = end + len(IMAGE_PLACEHOLDER)
+        cache = self._cache
+        missing = [key for key in keys if key[0] and key not in cache]
+        found: dict[Key, Piece] = {}
+        if missing:
+            missing = list(dict.fromkeys(missing))
+            found = dict(zip(missing, self._encode_chunks(missing), strict=True))
         ids: list[int] = []
         labels: list[int] = []
         spans: list[ImageSpan] = []
-        if self.template.add_bos and self.tokenizer.bos_token_id is not None:
+        if bos and self.tokenizer.bos_token_id is not None:
             ids.append(self.tokenizer.bos_token_id)
             labels.append(IGNORE_INDEX)
-        for segment in segments:
-            parts = segment.text.split(IMAGE_PLACEHOLDER)
-            for k, part in enumerate(parts):
-                if part:
-                    piece = self._text_ids(part)
-                    ids.extend(piece)
-                    labels.extend(piece if segment.supervised else [IGNORE_INDEX] * len(piece))
-                if k < len(parts) - 1:
-                    spans.append(ImageSpan(len(ids), self.tokens_per_image))
-                    ids.extend([self.image_token_id] * self.tokens_per_image)
-                    labels.extend([IGNORE_INDEX] * self.tokens_per_image)
+        image_ids = [self.image_token_id] * self.tokens_per_image
+        image_labels = [IGNORE_INDEX] * self.tokens_per_image
+        for k, key in enumerate(keys):
+            if key[0]:
+                piece_ids, runs = cache.get(key) or found[key]
+                at = len(ids)
+                ids += piece_ids
+                labels += [IGNORE_INDEX] * len(piece_ids)
+                for first, last in runs:
+                    labels[at + first : at + last] = piece_ids[first:last]
+            if k < len(keys) - 1:
+                spans.append(ImageSpan(len(ids), self.tokens_per_image))
+                ids += image_ids
+                labels += image_labels
+        if len(cache) < CACHE_ENTRIES:
+            cache.update((key, value) for key, value in found.items() if len(key[0]) <= CACHE_CHARS)
         return Encoded(ids, labels, spans)
 
+    def _encode_chunks(self, keys: list[Key]) -> list[Piece]:
+        """(ids, supervised token runs) of each (chunk, supervised character ranges in it), tokenised in one call."""
+        offsets = self.uses_offsets and any(local for _, local in keys)
+        chunk_ids, chunk_offsets = self._tokenize([chunk for chunk, _ in keys], offsets)
+        out = []
+        for j, (chunk, local) in enumerate(keys):
+            piece = chunk_ids[j]
+            if not local:
+                runs: tuple[Range, ...] = ()
+            elif chunk_offsets is not None:
+                runs = _runs_from_offsets(chunk_offsets[j], local)
+            else:
+                runs = _runs(self._mask_from_prefixes(piece, chunk, local))
+            out.append((piece, runs))
+        return out
+
+    def _mask_from_prefixes(self, piece: list[int], chunk: str, local: Sequence[Range]) -> np.ndarray:
+        """Supervised tokens without offsets. For a boundary at character p, the tokens that the encoding of
+        ``chunk[:p]`` shares with ``piece`` lie before p; the next one starts after p or straddles it (then it joins
+        the reply)."""
+        cuts = sorted({p for r in local for p in r if 0 < p < len(chunk)})
+        prefixes, _ = self._tokenize([chunk[:p] for p in cuts], False) if cuts else ([], None)
+        at: dict[int, tuple[int, bool]] = {}
+        for p, prefix in zip(cuts, prefixes, strict=True):
+            k = next((i for i, (x, y) in enumerate(zip(prefix, piece)) if x != y), min(len(prefix), len(piece)))
+            at[p] = (k, k == len(prefix))
+        mask = np.zeros(len(piece), dtype=bool)
+        for a, b in local:
+            first = 0 if a <= 0 else at[a][0]
+            last = len(piece) if b >= len(chunk) else at[b][0] + (0 if at[b][1] else 1)
+            mask[first:last] = True
+        return mask
+
+    def encode_segments(self, segments: Sequence[Segment]) -> Encoded:
+        """Rendered ``segments`` through :meth:`encode_text`, supervised where the segments are."""
+        text, supervised = render_segments(segments)
+        return self.encode_text(text, supervised)
+
+    # -- conversations -------------------------------------------------------------------------------
     def _with_system(self, turns: Sequence[Turn]) -> Sequence[Turn]:
         if self.system_prompt is None or (turns and turns[0].role == "system"):
             return turns
@@ -95,22 +223,70 @@ class ConversationEncoder:
         return self.encode_segments(self.template.render(self._with_system(turns), self.tokenizer))
 
     def encode_prompt(self, turns: Sequence[Turn]) -> Encoded:
-        """Inference encoding of turns ending with a user turn, up to the assistant header."""
+        """Inference encoding of turns ending with a user turn, up to the assistant header (no labels). Its
+        ids are a prefix of the training ids of any conversation that continues these turns, except when the
+        reply's first token straddles the header (see the module docstring)."""
         return self.encode_segments(self.template.render_prompt(self._with_system(turns), self.tokenizer))
 
     def encode_instruction(self, turns: Sequence[Turn]) -> list[int]:
-        """The first user turn's text alone (no template, no ``<image>``), as an instance-level gate reads it
+        """The first user turn's text alone (no template, no ``<image>``, no BOS), as an instance-level gate reads it
         (Octavius tokenises the first human message by itself)."""
         first = next((t.content for t in turns if t.role == "user"), "")
-        return self._text_ids(" ".join(first.replace(IMAGE_PLACEHOLDER, " ").split()))
+        return self.encode_text(" ".join(first.replace(IMAGE_PLACEHOLDER, " ").split()), bos=False).input_ids
 
     def stop_token_ids(self) -> list[int]:
         ids = []
         for s in self.template.stop_strings(self.tokenizer):
-            piece = self.tokenizer.encode(s, add_special_tokens=False)
+            piece = self.encode_text(s, bos=False).input_ids
             if len(piece) == 1:
                 ids.append(piece[0])
         return list(dict.fromkeys(ids))
+
+
+def _direct_backend(tokenizer: PreTrainedTokenizerBase):
+    """The tokenizer's ``tokenizers.Tokenizer`` when ``tokenizer(...)`` is a plain call of it (a tokenizers-backed
+    class that does not override how it encodes); else ``None``."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    if not isinstance(tokenizer, TokenizersBackend):
+        return None
+    cls = type(tokenizer)
+    if any(getattr(cls, name, None) is not getattr(TokenizersBackend, name, None)
+           for name in ("__call__", "_encode_plus", "_batch_encode_plus", "encode", "tokenize")):
+        return None
+    return getattr(tokenizer, "backend_tokenizer", None)
+
+
+def _runs_from_offsets(offsets: list[Range], local: Sequence[Range]) -> tuple[Range, ...]:
+    """``[first, last)`` runs of a chunk's supervised tokens: those whose character span overlaps a supervised
+    range. An empty span counts as covering the character at its start."""
+    starts = [a for a, _ in offsets]
+    ends = [b if b > a else a + 1 for a, b in offsets]
+    if starts != sorted(starts) or ends != sorted(ends):  # never seen; keep the rule without the binary search
+        mask = np.zeros(len(offsets), dtype=bool)
+        start, end = np.asarray(starts), np.asarray(ends)
+        for a, b in local:
+            mask |= (start < b) & (end > a)
+        return _runs(mask)
+    runs: list[Range] = []
+    for a, b in local:
+        first, last = bisect.bisect_right(ends, a), bisect.bisect_left(starts, b)  # tokens ending after a, starting before b
+        if first < last:
+            if runs and runs[-1][1] >= first:
+                runs[-1] = (runs[-1][0], max(runs[-1][1], last))
+            else:
+                runs.append((first, last))
+    return tuple(runs)
+
+
+def _runs(mask: np.ndarray | None) -> tuple[Range, ...]:
+    """``[first, last)`` token index runs where ``mask`` is set."""
+    if mask is None or not mask.any():
+        return ()
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
+    return tuple(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
 def truncate(encoded: Encoded, max_length: int, policy: Truncation = "trim") -> Encoded | None:

@@ -1,9 +1,11 @@
 """Conversation templates: render turns into text segments marked supervised or not.
 
-A template never tokenizes; :mod:`mllm_kit.data.conversation` encodes each segment separately and labels
-only supervised ones, so label masks never depend on string-split offset arithmetic (the source of
-LLaVA's "tokenization mismatch", specs/anchors.md §9.1). Supervised segments are exactly the assistant
-replies plus the template's stop token (EOS, ``<|im_end|>``, ``<|eot_id|>``, ...).
+A template never tokenizes. :mod:`mllm_kit.data.conversation` joins the segments into one string, tokenises
+it whole (split only at ``<image>``) and labels the tokens whose characters lie in supervised segments, so the
+ids are the tokenizer's own tokenisation of the rendered text (no dummy prefix or merge differs at segment
+boundaries) and label masks never depend on string-split token counting (the source of LLaVA's "tokenization
+mismatch", specs/anchors.md §9.1). Supervised segments are exactly the assistant replies plus the template's stop
+token (EOS, ``<|im_end|>``, ``<|eot_id|>``, ...).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class Turn:
 
 @dataclass(frozen=True)
 class Segment:
-    """A run of text (may contain ``<image>`` placeholders); ``supervised`` ones carry labels."""
+    """A run of rendered text (may contain ``<image>`` placeholders); tokens over ``supervised`` ones carry labels."""
 
     text: str
     supervised: bool = False
@@ -143,7 +145,9 @@ class HFChatTemplate(Template):
     Each assistant reply is located by rendering the conversation up to the reply with
     ``add_generation_prompt=True`` and up to its end without it; the template must be prefix-stable.
     A special token right after the reply (``<|im_end|>``, ``<|eot_id|>``, ...) is supervised as its stop;
-    if there is none, EOS is appended.
+    if there is none, EOS is appended. With a stop, the rendered text is exactly ``apply_chat_template``'s, so the
+    training ids equal ``apply_chat_template(..., tokenize=True)`` (up to the ``▁`` a SentencePiece tokenizer puts
+    after an ``<image>``, see :mod:`mllm_kit.data.conversation`).
     """
 
     name = "hf"
@@ -166,9 +170,15 @@ class HFChatTemplate(Template):
             if not (prompt.startswith(done) and full.startswith(prompt)):
                 raise DataError("the tokenizer's chat template is not prefix-stable across turns; use a named template.")
             piece = full[len(prompt) :]
-            start = piece.find(turn.content)
-            if start < 0:
+            # The reply is the occurrence of its text that a special token follows (a template may put text such
+            # as a space before it that the reply also starts with), else the first one.
+            starts, k = [], piece.find(turn.content)
+            while k >= 0:
+                starts.append(k)
+                k = piece.find(turn.content, k + 1)
+            if not starts:
                 raise DataError("the tokenizer's chat template rewrites assistant replies; use a named template.")
+            start = next((k for k in starts if any(piece.startswith(s, k + len(turn.content)) for s in specials)), starts[0])
             end = start + len(turn.content)
             stop = next((s for s in specials if piece.startswith(s, end)), None)
             segments.append(Segment(prompt[len(done) :] + piece[:start]))
