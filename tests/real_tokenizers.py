@@ -201,3 +201,19 @@ def text_of(tok, ids: list[int], start: int, end: int) -> str:
 def adds_dummy_prefix(tok) -> bool:
     """Whether the tokenizer starts a string with SentencePiece's ``▁`` (it then reads as a leading space)."""
     return tok.convert_ids_to_tokens(tok.encode("a", add_special_tokens=False))[0].startswith("▁")
+
+
+def supervised_spans(enc) -> list[tuple[int, int]]:
+    """``[start, end)`` of each contiguous run of supervised positions of an ``Encoded``; also checks that labels equal
+    the ids."""
+    from mllm_kit.batch import IGNORE_INDEX
+
+    runs: list[tuple[int, int]] = []
+    for i, (token, label) in enumerate(zip(enc.input_ids, enc.labels, strict=True)):
+        if label != IGNORE_INDEX:
+            assert label == token, f"position {i}: label {label} != input id {token}"
+            if runs and runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+    return runs

@@ -13,7 +13,7 @@ from mllm_kit.data.conversation import ConversationEncoder, Encoded, ImageSpan, 
 from mllm_kit.errors import ConfigError, DataError, RegistryError
 from mllm_kit.registry import TEMPLATES
 from mllm_kit.tiny import tiny_tokenizer
-from real_tokenizers import llava_tokenizer_image_token, text_of
+from real_tokenizers import llava_tokenizer_image_token, supervised_spans, text_of
 
 N = 3  # tokens per image in these tests (small, so spans are easy to cut)
 
@@ -95,19 +95,6 @@ def encoders(tok, image_id):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def supervised_spans(enc: Encoded) -> list[tuple[int, int]]:
-    """``[start, end)`` of each contiguous run of supervised positions; also checks that labels equal the ids."""
-    runs: list[tuple[int, int]] = []
-    for i, (token, label) in enumerate(zip(enc.input_ids, enc.labels, strict=True)):
-        if label != IGNORE_INDEX:
-            assert label == token, f"position {i}: label {label} != input id {token}"
-            if runs and runs[-1][1] == i:
-                runs[-1] = (runs[-1][0], i + 1)
-            else:
-                runs.append((i, i + 1))
-    return runs
-
-
 def check_labels(tok, name: str, turns, enc: Encoded, exact: bool = True) -> None:
     """The supervised tokens read back, in context, as each reply followed by its stop string. With ``exact=False``
     a token that straddles a reply's start (the documented rule: it joins the reply) may carry header text."""

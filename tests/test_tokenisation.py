@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from mllm_kit.batch import IGNORE_INDEX
 from mllm_kit.data.conversation import ConversationEncoder, Encoded
 from mllm_kit.data.templates import VICUNA_SYSTEM, Turn, get_template
-from real_tokenizers import adds_dummy_prefix, llava_tokenizer_image_token, package_file, text_of
+from real_tokenizers import adds_dummy_prefix, llava_tokenizer_image_token, package_file, supervised_spans, text_of
 
 N = 3  # image tokens per image
 NAMED = ("vicuna_v1", "llama3", "chatml", "phi3", "plain")
@@ -92,18 +92,6 @@ def render_hf(turns: list[Turn], tok) -> Rendered:
 
 
 # -- checks ---------------------------------------------------------------------------------------------------
-def supervised_runs(enc: Encoded) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for i, (token, label) in enumerate(zip(enc.input_ids, enc.labels, strict=True)):
-        if label != IGNORE_INDEX:
-            assert label == token, f"position {i}: label {label} != input id {token}"
-            if runs and runs[-1][1] == i:
-                runs[-1] = (runs[-1][0], i + 1)
-            else:
-                runs.append((i, i + 1))
-    return runs
-
-
 def check_images(enc: Encoded, image_id: int, n_images: int, per_image: int) -> None:
     assert len(enc.image_spans) == n_images
     for span in enc.image_spans:
@@ -118,7 +106,7 @@ def check_training(tok, enc_n: Encoded, enc_1: Encoded, ref: Rendered, image_id:
     assert enc_n.input_ids == llava_tokenizer_image_token(tok, ref.text, image_id, N, ref.bos)
     assert enc_n.labels.count(IGNORE_INDEX) - enc_1.labels.count(IGNORE_INDEX) == (N - 1) * len(enc_n.image_spans)
     check_images(enc_n, image_id, ref.text.count("<image>"), N)
-    runs = supervised_runs(enc_n)
+    runs = supervised_spans(enc_n)
     assert len(runs) == len(ref.replies), f"{len(runs)} supervised runs for {len(ref.replies)} replies"
     straddles = []
     for (first, last), (start, reply) in zip(runs, ref.replies, strict=True):
