@@ -169,16 +169,13 @@ class MLLMDataModule(L.LightningDataModule):
             steps_done=(lambda: trainer.global_step) if trainer else (lambda: 0),
         )
 
-    def val_dataloader(self, max_samples: int | None = None, loss: bool = True) -> list[DataLoader]:
+    def val_dataloader(self) -> list[DataLoader]:
+        """[held-out loss batches, generation prompts], the first ``eval.max_samples`` samples of each."""
         if self.eval_prompts is None:
             return []
-        limit = max_samples if max_samples is not None else self.eval_spec.max_samples
-        size = self.eval_spec.batch_size
-        pad = self.model.tokenizer.pad_token_id
-        prompts = DataLoader(_first(self.eval_prompts, limit), batch_size=size, collate_fn=PromptCollator(pad, self.tasks))
-        if not loss:
-            return [prompts]
-        return [DataLoader(_first(self.eval_loss_set, limit), batch_size=size, collate_fn=PadCollator(pad)), prompts]
+        limit, size, pad = self.eval_spec.max_samples, self.eval_spec.batch_size, self.model.tokenizer.pad_token_id
+        return [DataLoader(_first(self.eval_loss_set, limit), batch_size=size, collate_fn=PadCollator(pad)),
+                DataLoader(_first(self.eval_prompts, limit), batch_size=size, collate_fn=PromptCollator(pad, self.tasks))]
 
     def steps_per_epoch(self, world_size: int) -> int:
         return len(self.dataset) // (self.micro_batch_size * world_size) // self.accumulate

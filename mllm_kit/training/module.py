@@ -69,12 +69,9 @@ class MLLMModule(L.LightningModule):
             self._normalizer_step = self.global_step
         return self._normalizer
 
-    def score(self, batch: Batch, normalizer: float | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        return score(self.model, self.objective, batch, normalizer)
-
     def training_step(self, step: StepBatch, batch_idx: int) -> torch.Tensor:
         batch = step.batch
-        parts, aux_losses, metrics = self.score(batch, self._step_normalizer(step.step_loss_tokens))
+        parts, aux_losses, metrics = score(self.model, self.objective, batch, self._step_normalizer(step.step_loss_tokens))
         loss = parts.pop("loss")
         for name, value in aux_losses.items():
             coef = self.stage.aux_loss_coef.get(name, 0.0)
@@ -91,7 +88,7 @@ class MLLMModule(L.LightningModule):
             predictions = generate_answers(self.model, batch.batch, self.eval_spec.max_new_tokens, self.stop_token_ids)
             self.accuracy.update(predictions, batch.targets, batch.tasks)
             return
-        parts, _, _ = self.score(batch, None)
+        parts, _, _ = score(self.model, self.objective, batch, None)
         tokens = int(batch.num_loss_tokens or 1)  # token-weighted mean over the held-out set
         self.log("val/loss", parts["lm_loss"], on_epoch=True, batch_size=tokens, add_dataloader_idx=False, sync_dist=True)
 
@@ -100,7 +97,6 @@ class MLLMModule(L.LightningModule):
             return
         result = self.accuracy.compute()
         self.log_dict({f"val/{k}": v for k, v in result.items()}, add_dataloader_idx=False)
-        self.last_accuracy = {k: float(v) for k, v in result.items()}
         self.accuracy.reset()
 
     def configure_optimizers(self):

@@ -7,6 +7,7 @@ batch arithmetic, trainable paths against the model each stage will have). Stage
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import math
@@ -19,7 +20,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from mllm_kit.config.recipe import EvalSpec, Recipe, Stage
+from mllm_kit.config.recipe import Recipe, Stage
 from mllm_kit.errors import ConfigError
 from mllm_kit.log import get_logger
 from mllm_kit.model import MLLM
@@ -175,7 +176,7 @@ def evaluate(model: MLLM, recipe: Recipe, stage: Stage, data_root: Path) -> Eval
     """Held-out loss and generation accuracy of ``model`` on ``stage.data.eval`` (all of it), through Lightning."""
     if stage.data.eval is None:
         raise ConfigError(f"stage {stage.name!r} names no eval data (data.eval); set one, e.g. data.eval=synthetic:eval.")
-    full = EvalSpec(**{**vars(recipe.eval), "max_samples": None})
+    full = dataclasses.replace(recipe.eval, max_samples=None)
     data = MLLMDataModule(model, stage.data, data_root, 1, 1, stage.trainer.seed, full, train=False)
     module = MLLMModule(model, stage, OBJECTIVES.build(stage.objective), eval_spec=full, tasks=sorted(set(data.tasks.values())),
                         stop_token_ids=data.eval_prompts.encoder.stop_token_ids())
