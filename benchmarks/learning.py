@@ -12,6 +12,17 @@ which. LLM-side variants add one stage (`recipes/quickstart_{moe,lora,lora_moe}.
     python benchmarks/learning.py --seed 1 matryoshka   # another training seed (runs/learning/matryoshka-seed1)
     python benchmarks/learning.py --list
 
+Distillation (`recipes/quickstart_kd.yaml`, docs/zoo.md): one teacher run (`kd_teacher`: a Llama with 24× the student's parameters,
+250 + 1200 steps), then students of the same data and steps — 250 pre-training + 150 + 150 fine-tuning steps — that
+differ only in their objectives: `sft_only` (the control: L_LM in every stage), `kd_res` (+ response KL in DPT and
+DFT), `kd_res_vis` (+ visual KL), `kd` (+ RDist: LLaVA-KD); the diagnostics `kd_dft_only` and `kd_res_dft_only` (DPT without the teacher);
+and the LLaVA-MoD pair on an upcycled student
+(`mod_sparse_lm` vs `mod_sparse_mimic`: the last stage upcycles every other FFN to 4 experts, top-2, and trains the
+connector and LLM with L_LM, or with LLaVA-MoD's kd_lm mimic loss). Seeds change the student's initialisation and data order;
+the teacher is seed 0's.
+
+    python benchmarks/learning.py --seeds 0 1 2 --distill      # teacher + every student row, 3 seeds, mean ± std
+
 Results go to `runs/learning/<variant>/` (the run) and `runs/learning/results.json`; a Markdown table is printed.
 """
 
@@ -37,6 +48,7 @@ class Variant:
     extra_evals: list[list[str]] = field(default_factory=list)  # connector.KEY=VALUE lists for `mllm-kit eval`
     recipe: str = "quickstart"
     stage: str | None = None  # run only this stage, on a copy of the `mlp2x_gelu` run
+    stages: str | None = None  # run these stages (--stages); "{teacher}" in overrides is the kd_teacher run
 
 
 VARIANTS: dict[str, Variant] = {
@@ -72,6 +84,42 @@ VARIANTS: dict[str, Variant] = {
                         recipe="quickstart_lora_moe", stage="lora_moe"),
 }
 
+_TEACHER = "{run: {teacher}, stage: teacher_sft}"
+_LM = ["stages.dpt.teacher=null", "stages.dpt.objective=lm", "stages.dft.teacher=null", "stages.dft.objective=lm"]
+# LLaVA-MoD trains only the FFNs / experts / routers in dense→sparse; at this scale the 400-step dense student is too
+# weak for that (FFN-only, both rows stayed at chance on colour and shape: 0.382 overall), so the connector and the
+# whole LLM train here.
+_SPARSE = ["stages.dft.transforms=[{name: upcycle_moe, layers: every_other, num_experts: 4, top_k: 2, capacity_factor: 1.5}]",
+           "stages.dft.aux_loss_coef={llm_moe_balance: 0.01}"]
+
+
+def _kd(stages: tuple[str, ...] = ("dpt", "dft"), **terms: int) -> list[str]:
+    """Overrides that make ``stages`` distil with the ``kd`` objective and these term weights; other stages: L_LM."""
+    objective = "{name: kd, lm: 1, " + ", ".join(f"{k}: {v}" for k, v in terms.items()) + "}"
+    plain = [o for o in _LM if o.split(".")[1] not in stages]
+    return [*plain, *(f"stages.{s}.teacher={_TEACHER}" for s in stages), *(f"stages.{s}.objective={objective}" for s in stages)]
+
+
+STUDENT = "dpt,sft,dft"
+DISTILL: dict[str, Variant] = {
+    "kd_teacher": Variant([], "the teacher: Llama 256 × 4 layers, 250 align + 1200 SFT steps", recipe="quickstart_kd",
+                          stages="teacher_align,teacher_sft"),
+    "sft_only": Variant(_LM, "student (Llama 64 × 2), L_LM in every stage: the control", recipe="quickstart_kd", stages=STUDENT),
+    "kd_res": Variant(_kd(response=1, visual=0, relation=0), "+ response KL in DPT and DFT", recipe="quickstart_kd", stages=STUDENT),
+    "kd_res_vis": Variant(_kd(response=1, visual=1, relation=0), "+ visual KL", recipe="quickstart_kd", stages=STUDENT),
+    "kd": Variant(_kd(response=1, visual=1, relation=1), "+ RDist: LLaVA-KD's DPT → SFT → DFT", recipe="quickstart_kd", stages=STUDENT),
+    "kd_dft_only": Variant(_kd(("dft",), response=1, visual=1, relation=1),
+                           "diagnostic: DPT without the teacher (L_LM), DFT with all four terms", recipe="quickstart_kd", stages=STUDENT),
+    "kd_res_dft_only": Variant(_kd(("dft",), response=1, visual=0, relation=0),
+                               "diagnostic: DPT without the teacher, DFT with the response KL only", recipe="quickstart_kd",
+                               stages=STUDENT),
+    "mod_sparse_lm": Variant([*_LM, *_SPARSE], "upcycled student, last stage L_LM: the control", recipe="quickstart_kd", stages=STUDENT),
+    "mod_sparse_mimic": Variant([*_LM, *_SPARSE, f"stages.dft.teacher={_TEACHER}", "stages.dft.objective={name: mimic, loss_type: kd_lm}"],
+                                "upcycled student, last stage LLaVA-MoD's dense→sparse mimic (kd_lm)", recipe="quickstart_kd",
+                                stages=STUDENT),
+}
+VARIANTS.update(DISTILL)
+
 
 def label(name: str, seed: int) -> str:
     return name if seed == 0 else f"{name}-seed{seed}"
@@ -84,8 +132,15 @@ def run(name: str, root: Path, seed: int = 0) -> dict:
     cmd = [sys.executable, "-m", "mllm_kit.cli"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     start = time.time()
+    if "{teacher}" in " ".join(overrides):
+        teacher = root / "kd_teacher"
+        if not (teacher / "eval.json").is_file():
+            run("kd_teacher", root, 0)
+        overrides = [o.replace("{teacher}", str(teacher.resolve())) for o in overrides]
     if not (run_dir / "eval.json").is_file():
         flags = ["--resume"] if (run_dir / "state.json").is_file() else []
+        if v.stages is not None:
+            flags += ["--stages", v.stages]
         if v.stage is not None:
             if not (run_dir / "state.json").is_file():
                 base = root / label("mlp2x_gelu", seed)
@@ -119,12 +174,29 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def seed_table(results: dict[str, dict], names: list[str], seeds: list[int]) -> str:
+    """Held-out accuracy, mean ± std over seeds (and the per-seed values) for each variant."""
+    import statistics
+
+    rows = ["| variant | seeds | accuracy mean ± std | per seed | what differs |", "|---|---|---|---|---|"]
+    for name in names:
+        accs = [results[label(name, s)]["accuracy"] for s in seeds if label(name, s) in results]
+        if not accs:
+            continue
+        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        rows.append(f"| `{name}` | {len(accs)} | {statistics.mean(accs):.3f} ± {spread:.3f} | {', '.join(f'{a:.3f}' for a in accs)} | "
+                    f"{VARIANTS[name].note} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("variants", nargs="*", help="variants to run (default: all)")
+    parser.add_argument("variants", nargs="*", help="variants to run (default: all but the distillation rows)")
     parser.add_argument("--root", default="runs/learning")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the data and the held-out set stay fixed)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="several training seeds (a mean ± std table is printed)")
+    parser.add_argument("--distill", action="store_true", help="the distillation rows (teacher once, students per seed)")
     args = parser.parse_args()
     if args.list:
         print("\n".join(f"{k}: {v.note}" for k, v in VARIANTS.items()))
@@ -136,12 +208,19 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     store = root / "results.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
-    for name in args.variants or list(VARIANTS):
-        key = label(name, args.seed)
-        results[key] = run(name, root, args.seed)
-        store.write_text(json.dumps(results, indent=2) + "\n")
-        print(table([results[key]]), flush=True)
-    print(table(list(results.values())))
+    names = args.variants or (list(DISTILL) if args.distill else [n for n in VARIANTS if n not in DISTILL])
+    seeds = args.seeds or [args.seed]
+    for seed in seeds:
+        for name in names:
+            if name == "kd_teacher" and seed != 0:
+                continue
+            key = label(name, seed)
+            results[key] = run(name, root, seed)
+            store.write_text(json.dumps(results, indent=2) + "\n")
+            print(table([results[key]]), flush=True)
+    print(table([results[label(n, s)] for s in seeds for n in names if label(n, s) in results]))
+    if len(seeds) > 1:
+        print(seed_table(results, names, seeds))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ class Batch:
     high-resolution view, for connectors that read one (DeepStack).
     ``instruction_ids`` / ``instruction_mask`` ``[B, L]``: each sample's first user message by itself, for an
     instance-level gate (LoRA-MoE); without them the gate reads :meth:`prompt_mask`'s tokens.
+    ``teacher``: the same samples as a distillation teacher reads them (its own template and image-token count),
+    when they differ from this view; :meth:`teacher_view` is what the teacher runs on. ``pairs``: preference batches
+    hold ``pairs`` chosen rows, then the ``pairs`` rejected rows in the same order.
     """
 
     input_ids: torch.Tensor
@@ -42,6 +45,8 @@ class Batch:
     crop_grids: list[tuple[int, int]] = field(default_factory=list)
     instruction_ids: torch.Tensor | None = None
     instruction_mask: torch.Tensor | None = None
+    teacher: Batch | None = None
+    pairs: int | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {
@@ -49,7 +54,13 @@ class Batch:
             for f in fields(self)
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
+        if self.teacher is not None:
+            moved["teacher"] = self.teacher.to(device)
         return replace(self, **moved)
+
+    def teacher_view(self) -> Batch:
+        """The batch a distillation teacher runs on: its own view, or this one when both read samples alike."""
+        return self if self.teacher is None else self.teacher
 
     def prompt_mask(self) -> torch.Tensor | None:
         """``[B, T]`` bool: each sequence's prompt up to its first supervised token (the first instruction and

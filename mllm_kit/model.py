@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,28 @@ TRANSFORMED_WEIGHTS = "model.safetensors"
 
 @dataclass
 class MLLMOutput:
-    """``logits [B, T, V]``; ``aux_losses`` from the connector and LLM-side modules (MoE layers), weighted by the
-    recipe; ``metrics``: detached statistics to log (e.g. per-expert token fractions)."""
+    """What one forward produced, before the LM head.
 
-    logits: torch.Tensor
+    ``hidden [B, T, D]``: the LLM's final hidden states (after its last norm); ``head``: ``[..., D] → [..., V]``, the
+    LM head (with any logit soft-capping). Objectives apply ``head`` only at the positions they read
+    (:mod:`mllm_kit.objectives.head`), so nothing materialises ``[B, T, V]`` unless it asks for :attr:`logits`.
+    ``aux_losses`` from the connector and LLM-side modules (MoE layers), weighted by the recipe; ``metrics``: detached
+    statistics to log (e.g. per-expert token fractions); ``hidden_states``: every layer's, when asked for.
+    """
+
+    hidden: torch.Tensor
+    head: Callable[[torch.Tensor], torch.Tensor]
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     hidden_states: tuple[torch.Tensor, ...] | None = None
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    _logits: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """``[B, T, V]`` at every position (computed once, on first use)."""
+        if self._logits is None:
+            self._logits = self.head(self.hidden)
+        return self._logits
 
 
 class ImageTokenMismatch(MllmKitError):
@@ -266,17 +281,11 @@ class MLLM(nn.Module):
     def forward(self, batch: Batch, output_hidden_states: bool = False) -> MLLMOutput:
         embeds, visual = self.embed_inputs(batch.input_ids, batch.pixel_values, batch.num_image_tokens,
                                            batch.crop_pixel_values, batch.crop_grids, _instruction(batch))
-        out = self.llm(
-            inputs_embeds=embeds,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-            output_hidden_states=output_hidden_states,
-        )
+        out = self.llm.decode(embeds, batch.attention_mask, batch.position_ids, output_hidden_states=output_hidden_states)
         aux = dict(visual.aux_losses) if visual is not None else {}
         metrics = self._collect_llm_aux(aux)
-        return MLLMOutput(logits=out.logits, aux_losses=aux, hidden_states=out.hidden_states if output_hidden_states else None,
-                          metrics=metrics)
+        return MLLMOutput(hidden=out.last_hidden_state, head=self.llm.head, aux_losses=aux,
+                          hidden_states=out.hidden_states if output_hidden_states else None, metrics=metrics)
 
     def _collect_llm_aux(self, aux: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Sum the aux losses of modules that transforms added over layers (as MoE-LLaVA does) and average their

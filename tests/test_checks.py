@@ -113,7 +113,7 @@ def test_data_synth_small_images(tmp_path, capsys):
     assert "allowed at image_size 32" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["quickstart_moe", "quickstart_lora", "quickstart_lora_moe", "cumo", "llava15_lora", "octavius"])
+@pytest.mark.parametrize("name", ["quickstart_moe", "quickstart_lora", "quickstart_lora_moe", "cumo", "llava15_lora", "octavius", "llava_mod"])
 def test_every_transform_of_the_zoo_replays_on_a_weightless_copy(name):
     from mllm_kit.config import load_recipe, smoke_recipe
     from mllm_kit.training.preflight import check_run

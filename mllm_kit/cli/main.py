@@ -140,22 +140,27 @@ def _data_synth(args: argparse.Namespace) -> int:
         radius=parse_radius(args.radius) if args.radius else None,
     )
     paths = generate(args.out, config)
-    _console().print(f"synthetic data in {paths.root}: {paths.align.name}, {paths.sft.name}, {paths.eval.name}")
+    _console().print(f"synthetic data in {paths.root}: {paths.align.name}, {paths.sft.name}, {paths.eval.name}, {paths.preference.name}")
     return 0
 
 
 def _data_inspect(args: argparse.Namespace) -> int:
     from mllm_kit.cli.samples import render_sample
+    from mllm_kit.registry import OBJECTIVES
     from mllm_kit.training.data import build_dataset
     from mllm_kit.training.stage import build_recipe_model
 
     recipe = _load(args)
     stage = recipe.stage(args.stage) if args.stage else recipe.stages[0]
-    model = build_recipe_model(recipe)
-    dataset = build_dataset(model, stage.data, Path(args.data_root), "train")
+    model = build_recipe_model(recipe, stage.model)
+    preference = OBJECTIVES.build(stage.objective).preference
+    dataset = build_dataset(model, stage.data, Path(args.data_root), "train", preference=preference)
     console = _console()
     for index in range(args.index, min(len(dataset), args.index + args.count)):
-        console.print(render_sample(dataset[index], model.tokenizer, model.image_token_id))
+        sample = dataset[index]
+        console.print(render_sample(sample, model.tokenizer, model.image_token_id))
+        if sample.rejected is not None:
+            console.print("[dim]rejected:[/] " + render_sample(sample.rejected, model.tokenizer, model.image_token_id))
     return 0
 
 

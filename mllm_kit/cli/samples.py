@@ -24,7 +24,7 @@ def render_sample(sample: Sample, tokenizer: PreTrainedTokenizerBase, image_toke
         if kind == "image":
             text += f"[magenta]<image×{n}>[/]"
         elif kind == "target":
-            text += f"[green][[{escape(tokenizer.decode(piece))}]][/]"
+            text += f"[green]{escape('[[' + tokenizer.decode(piece) + ']]')}[/]"  # escaped whole: rich reads "[x]" as a tag
         else:
             text += escape(tokenizer.decode(piece))
     out.append(text)

@@ -11,6 +11,7 @@ in seconds with the key path and the closest valid names, before anything trains
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mllm_kit.config.presets import preset_path, read_yaml
-from mllm_kit.config.recipe import DataSpec, OptimSpec, Recipe, RecipeSpec, Stage, TrainerSpec
+from mllm_kit.config.recipe import DataSpec, ModelSpec, OptimSpec, Recipe, RecipeSpec, Stage, TeacherSpec, TrainerSpec
 from mllm_kit.config.resolve import check_template, expand, resolve_component, resolve_named
 from mllm_kit.config.validate import to_dict, validate
 from mllm_kit.errors import ConfigError, did_you_mean
@@ -99,7 +100,17 @@ def load_recipe(path_or_name: str, overrides: list[str] | tuple[str, ...] = ()) 
 
 
 def _expand_model(tree: DictConfig, path: Path) -> None:
-    model = tree.get("model")
+    """Expand the presets of the recipe's ``model`` and of every stage's ``model`` and ``teacher.model``."""
+    _expand_specs(tree.get("model"), "model")
+    for i, stage in enumerate(tree.get("stages") or []):
+        if isinstance(stage, DictConfig):
+            _expand_specs(stage.get("model"), f"stages[{i}].model")
+            teacher = stage.get("teacher")
+            if isinstance(teacher, DictConfig):
+                _expand_specs(teacher.get("model"), f"stages[{i}].teacher.model")
+
+
+def _expand_specs(model: Any, where: str) -> None:
     if not isinstance(model, DictConfig):
         return
     for key, group in MODEL_GROUPS.items():
@@ -109,7 +120,7 @@ def _expand_model(tree: DictConfig, path: Path) -> None:
         raw = OmegaConf.to_container(spec, resolve=False) if isinstance(spec, DictConfig) else spec
         if isinstance(raw, str) and raw.startswith("${"):
             continue  # an interpolation: resolved with the whole tree
-        model[key] = expand(group, raw, f"model.{key}")
+        model[key] = expand(group, raw, f"{where}.{key}")
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
@@ -133,6 +144,53 @@ def resolve(spec: RecipeSpec) -> Recipe:
     return Recipe(spec.name, spec.description, spec.citation, model, stages, spec.eval, spec.smoke)
 
 
+def _over_model(base: ModelSpec, specs: dict[str, Any], where: str) -> ModelSpec:
+    """``base`` with the components named in ``specs`` (a partial model) resolved in their place."""
+    unknown = [k for k in specs if k not in MODEL_GROUPS]
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key.{did_you_mean(str(unknown[0]), MODEL_GROUPS)} Valid keys: {', '.join(MODEL_GROUPS)}.")
+    parts = {k: resolve_component(g, specs[k], f"{where}.{k}") if specs.get(k) is not None else getattr(base, k)
+             for k, g in MODEL_GROUPS.items()}
+    return ModelSpec(**parts)
+
+
+def _resolve_start(spec: RecipeSpec, index: int) -> tuple[ModelSpec | None, str | None]:
+    """A stage's fresh model (its ``model`` over the recipe's) or the earlier stage it continues from."""
+    s, where = spec.stages[index], f"stages[{index}]"
+    earlier = [t.name for t in spec.stages[:index]]
+    if s.model is not None and s.init_from is not None:
+        raise ConfigError(f"{where}: names both model (a fresh start) and init_from={s.init_from!r}; keep one.")
+    if s.init_from is not None and s.init_from not in earlier:
+        raise ConfigError(f"{where}.init_from: {s.init_from!r} is not an earlier stage of this recipe.{did_you_mean(s.init_from, earlier)} "
+                          f"Earlier stages: {', '.join(earlier) or '(none)'}.")
+    return (_over_model(spec.model, s.model, f"{where}.model") if s.model is not None else None), s.init_from
+
+
+def _resolve_teacher(spec: RecipeSpec, index: int, data: DataSpec) -> TeacherSpec | None:
+    t, where = spec.stages[index].teacher, f"stages[{index}].teacher"
+    if t is None:
+        return None
+    forms = [k for k in ("run", "hf_llava", "model") if getattr(t, k) is not None]
+    if len(forms) > 1 or (not forms and t.stage is None):
+        raise ConfigError(f"{where}: give exactly one teacher: run (+ stage), stage (an earlier stage of this recipe), hf_llava "
+                          f"or model (+ weights); got {forms or 'none'}.")
+    if t.run is not None and t.stage is None:
+        raise ConfigError(f"{where}.stage: a teacher run needs the stage whose final weights teach (e.g. stage: sft).")
+    if forms and forms[0] != "run" and t.stage is not None:
+        raise ConfigError(f"{where}.stage: applies to a run (or to this recipe) only, not to a {forms[0]} teacher.")
+    if t.weights is not None and t.model is None:
+        raise ConfigError(f"{where}.weights: belongs to a model teacher (teacher.model); {forms[0] if forms else 'stage'} teachers carry their own.")
+    if t.form == "stage":
+        earlier = [s.name for s in spec.stages[:index]]
+        if t.stage not in earlier:
+            raise ConfigError(f"{where}.stage: {t.stage!r} is not an earlier stage of this recipe.{did_you_mean(t.stage, earlier)} "
+                              f"Earlier stages: {', '.join(earlier) or '(none)'} (a teacher from another run needs teacher.run).")
+    if t.template is not None:
+        check_template(t.template, f"{where}.template")
+    model = None if t.model is None else to_dict(_over_model(spec.model, t.model, f"{where}.model"))
+    return dataclasses.replace(t, model=model)
+
+
 def _resolve_stage(spec: RecipeSpec, index: int) -> Stage:
     s, where = spec.stages[index], f"stages[{index}]"
     if not s.trainable:
@@ -144,7 +202,9 @@ def _resolve_stage(spec: RecipeSpec, index: int) -> Stage:
     check_template(data.template, f"{where}.data.template")
     transforms = [resolve_named(TRANSFORMS, t, f"{where}.transforms[{k}]") for k, t in enumerate(s.transforms)]
     objective = resolve_named(OBJECTIVES, s.objective, f"{where}.objective")
-    return Stage(s.name, s.trainable, transforms, objective, s.aux_loss_coef, data, optim, trainer)
+    model, init_from = _resolve_start(spec, index)
+    teacher = _resolve_teacher(spec, index, data)
+    return Stage(s.name, s.trainable, transforms, objective, s.aux_loss_coef, data, optim, trainer, model, init_from, teacher)
 
 
 def _merge(base: Any, override: dict[str, Any], schema: type, path: str) -> Any:

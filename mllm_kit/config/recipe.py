@@ -117,7 +117,53 @@ class SmokeSpec:
 
 
 @dataclass
+class TeacherSpec:
+    """The model a stage distils from (docs/distillation.md) — exactly one of:
+
+    * ``run`` + ``stage``: a finished run directory and the stage whose ``final/`` weights teach;
+    * ``stage`` alone: an earlier stage of this recipe (one recipe trains a teacher, then distils a student);
+    * ``hf_llava``: a transformers ``LlavaForConditionalGeneration`` directory (imported as :mod:`mllm_kit.interop.llava` does);
+    * ``model`` (+ ``weights``): component specs over the recipe's ``model`` (e.g. only ``{llm: qwen15_4b}``) and a
+      ``.safetensors`` file or saved mllm-kit model directory of the whole model's weights.
+
+    The teacher is frozen, in eval mode, run under ``no_grad`` in ``precision`` and never in the optimiser or in a
+    checkpoint. ``template``: its chat template when it differs from the stage's (the dataset then builds the
+    teacher's own view of every sample). ``vocab``: ``same`` (every token id must match, checked before training) or
+    ``shared_prefix`` (LLaVA-MoD: logits truncated to the vocabulary both share).
+    """
+
+    run: str | None = None
+    stage: str | None = None
+    hf_llava: str | None = None
+    model: dict[str, Any] | None = None
+    weights: str | None = None
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    template: str | None = None
+    vocab: Literal["same", "shared_prefix"] = "same"
+
+    @property
+    def form(self) -> str:
+        """``run``, ``stage``, ``hf_llava`` or ``model``."""
+        if self.run is not None:
+            return "run"
+        if self.hf_llava is not None:
+            return "hf_llava"
+        if self.model is not None:
+            return "model"
+        return "stage"
+
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint records about the teacher it was trained with."""
+        keys = {"run": ("run", "stage"), "stage": ("stage",), "hf_llava": ("hf_llava",), "model": ("model", "weights")}[self.form]
+        return {"form": self.form, **{k: getattr(self, k) for k in keys}, "precision": self.precision, "vocab": self.vocab}
+
+
+@dataclass
 class StageSpec:
+    """One stage as written. It starts from the previous stage's ``final/`` (the first from the recipe's ``model``),
+    from the stage named by ``init_from``, or — when it names ``model`` (specs over the recipe's ``model``) — from a
+    freshly built model, e.g. the student after a recipe's teacher stages."""
+
     name: str
     trainable: list[str]
     transforms: list[Any] = field(default_factory=list)
@@ -126,6 +172,9 @@ class StageSpec:
     data: dict[str, Any] = field(default_factory=dict)
     optim: dict[str, Any] = field(default_factory=dict)
     trainer: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] | None = None
+    init_from: str | None = None
+    teacher: TeacherSpec | None = None
 
 
 @dataclass
@@ -147,7 +196,8 @@ class RecipeSpec:
 @dataclass
 class Stage:
     """A stage with recipe-level defaults and its own overrides merged; ``transforms`` and ``objective`` are full specs
-    (``{name: ..., **options}``)."""
+    (``{name: ..., **options}``). ``model``: the full specs of a fresh start (``None``: the stage continues from
+    ``init_from``, the name of an earlier stage, or from the previous stage); ``teacher.model`` is resolved likewise."""
 
     name: str
     trainable: list[str]
@@ -157,6 +207,9 @@ class Stage:
     data: DataSpec
     optim: OptimSpec
     trainer: TrainerSpec
+    model: ModelSpec | None = None
+    init_from: str | None = None
+    teacher: TeacherSpec | None = None
 
 
 @dataclass

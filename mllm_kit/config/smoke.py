@@ -2,7 +2,10 @@
 
 The encoder and LLM become tiny random models of the same families (:mod:`mllm_kit.tiny`); every connector in the
 spec, nested ones included, takes its class's ``smoke_options`` and then the recipe's ``smoke.connector``; datasets
-become the synthetic ones (evaluation only where the recipe evaluates). Input and output are resolved recipes.
+become the synthetic ones (evaluation only where the recipe evaluates; preference objectives read
+``synthetic:preference``). A distillation teacher becomes a random tiny model of its families with a larger LLM
+than the student's and the same tokenizer (a teacher trained by an earlier stage of the recipe stays so, shrunk
+like every stage model). Input and output are resolved recipes.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mllm_kit.config.recipe import ModelSpec, Recipe
+from mllm_kit.config.recipe import ModelSpec, Recipe, SmokeSpec, TeacherSpec
+from mllm_kit.config.validate import to_dict
 from mllm_kit.config.resolve import component_class, resolve_component
-from mllm_kit.registry import CONNECTORS
+from mllm_kit.registry import CONNECTORS, OBJECTIVES
 from mllm_kit.tiny import ENCODER_FAMILIES, LLM_FAMILIES, tiny_encoder_spec, tiny_llm_spec
 
 _ENCODER_FAMILY = {registered: family for family, registered in ENCODER_FAMILIES.items()}
@@ -38,8 +42,9 @@ def llm_family(spec: dict[str, Any]) -> str:
     return family if family in LLM_FAMILIES else "llama"
 
 
-def tiny_llm_like(spec: dict[str, Any], num_layers: int = 2) -> dict[str, Any]:
-    return {**{k: v for k, v in spec.items() if k not in _LLM_SOURCE_KEYS}, **tiny_llm_spec(llm_family(spec), num_layers=num_layers)}
+def tiny_llm_like(spec: dict[str, Any], num_layers: int = 2, **options: Any) -> dict[str, Any]:
+    return {**{k: v for k, v in spec.items() if k not in _LLM_SOURCE_KEYS},
+            **tiny_llm_spec(llm_family(spec), num_layers=num_layers, **options)}
 
 
 def tiny_connector_like(spec: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -55,16 +60,35 @@ def tiny_connector_like(spec: dict[str, Any], overrides: dict[str, Any] | None =
     return {**out, **(overrides or {})}
 
 
+def tiny_model_like(model: ModelSpec, smoke: SmokeSpec, teacher: bool = False) -> ModelSpec:
+    """The tiny model of ``model``'s families; a teacher's LLM is larger than the student's (same tokenizer)."""
+    llm = (tiny_llm_like(model.llm, smoke.llm_layers + 2, hidden_size=96, intermediate_size=192) if teacher
+           else tiny_llm_like(model.llm, smoke.llm_layers))
+    return ModelSpec(
+        encoder=tiny_encoder_like(model.encoder),
+        connector=resolve_component("connectors", tiny_connector_like(model.connector, smoke.connector), "smoke.connector"),
+        llm=llm,
+    )
+
+
+def _tiny_teacher(teacher: TeacherSpec | None, student: ModelSpec, smoke: SmokeSpec) -> TeacherSpec | None:
+    """Stage teachers stay (their stage runs in the smoke recipe too); any other becomes a random tiny teacher of its
+    families (the student's for a run or LLaVA-HF directory, which the smoke run cannot assume exists)."""
+    if teacher is None or teacher.form == "stage":
+        return teacher
+    model = ModelSpec(**teacher.model) if teacher.form == "model" else student
+    return dataclasses.replace(teacher, run=None, stage=None, hf_llava=None, weights=None, precision="float32",
+                               model=to_dict(tiny_model_like(model, smoke, teacher=True)))
+
+
 def smoke_recipe(recipe: Recipe) -> Recipe:
     smoke = recipe.smoke
-    model = ModelSpec(
-        encoder=tiny_encoder_like(recipe.model.encoder),
-        connector=resolve_component("connectors", tiny_connector_like(recipe.model.connector, smoke.connector), "smoke.connector"),
-        llm=tiny_llm_like(recipe.model.llm, smoke.llm_layers),
-    )
+    model = tiny_model_like(recipe.model, smoke)
     stages = []
     for stage in recipe.stages:
         split = "synthetic:align" if stage.data.template == "plain" else "synthetic:sft"
+        if OBJECTIVES.build(stage.objective).preference:
+            split = "synthetic:preference"
         data = dataclasses.replace(stage.data, train=split, eval="synthetic:eval" if stage.data.eval else None, image_root=None,
                                    synthetic=smoke.synthetic, max_length=min(stage.data.max_length, 512), num_workers=0)
         optim = dataclasses.replace(stage.optim, global_batch_size=smoke.global_batch_size, micro_batch_size=smoke.micro_batch_size,
@@ -72,6 +96,10 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
         trainer = dataclasses.replace(stage.trainer, precision="32-true", accelerator="cpu", devices=1, num_nodes=1, strategy="auto",
                                       checkpoint_every_n_steps=max(1, smoke.steps), log_every_n_steps=1,
                                       val_every_n_steps=None if stage.trainer.val_every_n_steps is None else smoke.steps)
-        stages.append(dataclasses.replace(stage, data=data, optim=optim, trainer=trainer))
+        own = stage.model
+        if own is not None:  # a fresh start: the student again, or a teacher of its own families (larger)
+            own = model if own.llm == recipe.model.llm else tiny_model_like(own, smoke, teacher=True)
+        stages.append(dataclasses.replace(stage, data=data, optim=optim, trainer=trainer, model=own,
+                                          teacher=_tiny_teacher(stage.teacher, recipe.model, smoke)))
     eval_spec = dataclasses.replace(recipe.eval, max_samples=smoke.synthetic.num_eval)
     return dataclasses.replace(recipe, model=model, stages=stages, eval=eval_spec)

@@ -44,7 +44,10 @@ def check_type(value: Any, hint: Any, path: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for option in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # an optional field: the option's own error names the inner key
+            return check_type(value, options[0], path)
+        for option in options:
             try:
                 return check_type(value, option, path)
             except ConfigError:

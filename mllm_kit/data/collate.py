@@ -15,7 +15,9 @@ from mllm_kit.errors import ConfigError
 class PadCollator:
     """Pads to the longest sample (optionally a multiple of ``pad_to_multiple_of``).
 
-    Training uses right padding; batched generation needs ``padding_side="left"``.
+    Training uses right padding; batched generation needs ``padding_side="left"``. Preference samples become two
+    rows each — the chosen replies first, then the rejected ones in the same order (``Batch.pairs``); samples with a
+    teacher's view give the batch its ``teacher`` batch, row for row.
     """
 
     def __init__(self, pad_token_id: int, padding_side: Literal["right", "left"] = "right", pad_to_multiple_of: int | None = None) -> None:
@@ -26,6 +28,17 @@ class PadCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, samples: Sequence[Sample]) -> Batch:
+        pairs = None
+        if samples[0].rejected is not None:
+            pairs = len(samples)
+            samples = [*samples, *(s.rejected for s in samples)]
+        batch = self._pad(samples)
+        batch.pairs = pairs
+        if samples[0].teacher is not None:
+            batch.teacher = self._pad([s.teacher for s in samples])
+        return batch
+
+    def _pad(self, samples: Sequence[Sample]) -> Batch:
         longest = max(len(s.input_ids) for s in samples)
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of

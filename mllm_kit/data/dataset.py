@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from mllm_kit.batch import IGNORE_INDEX
 from mllm_kit.data.formats import Record, load_records
+from mllm_kit.data.templates import Turn
 from mllm_kit.data.images import load_image
 from mllm_kit.data.conversation import ConversationEncoder, Truncation, truncate
 from mllm_kit.data.transforms import CropGridTransform, ImageTransform, ImageViews
@@ -26,7 +28,9 @@ class Sample:
 
     Connectors that read a high-resolution view also get ``crop_pixel_values`` ``[Σ crops, 3, H, W]`` and
     each image's crop ``(rows, cols)`` in ``crop_grids``. Models with an instance-level gate (LoRA-MoE) also get
-    ``instruction_ids``: the first user turn's text tokens.
+    ``instruction_ids``: the first user turn's text tokens. ``teacher``: the same sample as a distillation teacher
+    sees it (its own template and image-token count), when that differs. ``rejected``: a preference sample's
+    rejected reply (this sample holds the chosen one).
     """
 
     input_ids: torch.Tensor
@@ -38,6 +42,17 @@ class Sample:
     crop_pixel_values: torch.Tensor | None = None
     crop_grids: list[tuple[int, int]] = field(default_factory=list)
     instruction_ids: torch.Tensor | None = None
+    teacher: Sample | None = None
+    rejected: Sample | None = None
+
+
+@dataclass(frozen=True)
+class View:
+    """How one model reads samples: its conversation encoder (template, tokenizer, image-token count) and image transform."""
+
+    encoder: ConversationEncoder
+    image_transform: ImageTransform | CropGridTransform
+    instruction: bool = False  # the model reads each sample's instruction (adds Sample.instruction_ids)
 
 
 class LlavaDataset(Dataset[Sample]):
@@ -45,7 +60,9 @@ class LlavaDataset(Dataset[Sample]):
 
     Over-long samples are trimmed or dropped by ``truncation`` (never inside an image span); a dropped
     sample is replaced by the next one, and both events are counted and logged. ``instruction`` adds each
-    sample's ``instruction_ids``.
+    sample's ``instruction_ids``. ``teacher``: a distillation teacher's view; every sample is encoded for it too, with
+    ``max_length`` widened by its extra image tokens, and must supervise exactly the student's tokens.
+    ``preference``: samples are ``chosen``/``rejected`` pairs (DPO, KTO-pair).
     """
 
     def __init__(
@@ -59,6 +76,8 @@ class LlavaDataset(Dataset[Sample]):
         prompt: bool = False,
         records: list[Record] | None = None,
         instruction: bool = False,
+        teacher: View | None = None,
+        preference: bool = False,
     ) -> None:
         self.path = str(path)
         self.image_root = Path(image_root) if image_root is not None else Path(path).parent
@@ -71,6 +90,9 @@ class LlavaDataset(Dataset[Sample]):
         self.truncation = truncation
         self.prompt = prompt
         self.instruction = instruction
+        self.view = View(encoder, image_transform, instruction)
+        self.teacher = teacher
+        self.preference = preference
         self.num_trimmed = 0
         self.num_dropped = 0
 
@@ -100,26 +122,65 @@ class LlavaDataset(Dataset[Sample]):
 
     def _encode(self, record: Record) -> Sample | int:
         """The encoded sample, or its token length when truncation drops it."""
-        turns = record.turns
-        target = None
+        turns, target = record.turns, None
+        if record.pair is not None and not self.preference:
+            raise DataError(f"{record.ref}: a preference sample (chosen/rejected) in a stage whose objective reads no pairs; "
+                            f"use objective dpo or kto_pair, or data without 'chosen'/'rejected'.")
+        if self.preference:
+            if record.pair is None:
+                raise DataError(f"{record.ref}: the stage's objective trains on preference pairs, but the sample has no "
+                                f"'chosen'/'rejected' replies to its last human turn.")
+            chosen, rejected = (self._encode_both(record, (*turns, Turn("assistant", reply))) for reply in record.pair)
+            if isinstance(chosen, int) or isinstance(rejected, int):
+                return chosen if isinstance(chosen, int) else rejected
+            chosen.rejected = rejected
+            return chosen
         if self.prompt:
             last_user = max(i for i, t in enumerate(turns) if t.role == "user")
             target = next((t.content for t in turns[last_user + 1 :] if t.role == "assistant"), None)
-            encoded = self.encoder.encode_prompt(turns[: last_user + 1])
-        else:
-            encoded = self.encoder.encode(turns)
-        fitted = truncate(encoded, self.max_length, self.truncation)
+            turns = turns[: last_user + 1]
+        sample = self._encode_both(record, turns)
+        if isinstance(sample, Sample):
+            sample.target = target
+        return sample
+
+    def _encode_both(self, record: Record, turns: tuple[Turn, ...]) -> Sample | int:
+        """The sample in the model's view and, with a teacher, in the teacher's (same supervised tokens, checked)."""
+        images: dict[str, object] = {}  # decoded once, transformed per view
+        sample = self._encode_view(record, turns, self.view, self.max_length, images, log_events=True)
+        if self.teacher is None or isinstance(sample, int):
+            return sample
+        extra = max(0, self.teacher.encoder.tokens_per_image - self.view.encoder.tokens_per_image) * len(record.images)
+        teacher = self._encode_view(record, turns, self.teacher, self.max_length + extra, images, log_events=False)
+        mine = sample.labels[sample.labels != IGNORE_INDEX]
+        theirs = None if isinstance(teacher, int) else teacher.labels[teacher.labels != IGNORE_INDEX]
+        if theirs is None or not torch.equal(mine, theirs):
+            got = "drops it" if theirs is None else f"supervises {len(theirs)} tokens"
+            raise DataError(f"{record.ref}: the teacher's view of this sample {got}, the student's {len(mine)} tokens "
+                            f"differ from it; distillation aligns replies through their tokens, so the teacher's template "
+                            f"and tokenizer must encode replies exactly like the student's (teacher.template, teacher.vocab).")
+        sample.teacher = teacher
+        return sample
+
+    def _encode_view(self, record: Record, turns: tuple[Turn, ...], view: View, max_length: int, images: dict[str, object],
+                     log_events: bool) -> Sample | int:
+        encoded = view.encoder.encode_prompt(turns) if self.prompt and not self.preference else view.encoder.encode(turns)
+        fitted = truncate(encoded, max_length, self.truncation)
         if fitted is None:
-            self.num_dropped += 1
-            log.warning("%s: dropped (%d tokens > max_length=%d; %d dropped so far)", record.ref, len(encoded), self.max_length, self.num_dropped)
+            if log_events:
+                self.num_dropped += 1
+                log.warning("%s: dropped (%d tokens > max_length=%d; %d dropped so far)", record.ref, len(encoded), max_length, self.num_dropped)
             return len(encoded)
-        if fitted is not encoded:
+        if fitted is not encoded and log_events:
             self.num_trimmed += 1
             log.warning("%s: trimmed from %d to %d tokens (%d trimmed so far)", record.ref, len(encoded), len(fitted), self.num_trimmed)
-        images = record.images[: len(fitted.image_spans)]
+        kept = record.images[: len(fitted.image_spans)]
         pixel_values, crops, grids = None, None, []
-        if images:
-            views = [self.image_transform(load_image(self.image_root / p, record.ref)) for p in images]
+        if kept:
+            for p in kept:
+                if p not in images:
+                    images[p] = load_image(self.image_root / p, record.ref)
+            views = [view.image_transform(images[p]) for p in kept]
             if isinstance(views[0], ImageViews):  # a connector that also reads a high-resolution view (DeepStack)
                 pixel_values = torch.stack([v.global_view for v in views])
                 crops, grids = torch.cat([v.crops for v in views]), [v.grid for v in views]
@@ -131,10 +192,9 @@ class LlavaDataset(Dataset[Sample]):
             pixel_values=pixel_values,
             num_image_tokens=sum(s.length for s in fitted.image_spans),
             id=record.id if record.id is not None else str(record.index),
-            target=target,
             crop_pixel_values=crops,
             crop_grids=grids,
-            instruction_ids=torch.tensor(self.encoder.encode_instruction(turns), dtype=torch.long) if self.instruction else None,
+            instruction_ids=torch.tensor(view.encoder.encode_instruction(turns), dtype=torch.long) if view.instruction else None,
         )
 
     def modality_lengths(self) -> list[int]:

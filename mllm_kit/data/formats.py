@@ -15,7 +15,8 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 @dataclass(frozen=True)
 class Record:
-    """One validated sample: image paths (relative to the image root) and its turns."""
+    """One validated sample: image paths (relative to the image root) and its turns. A preference sample's turns end
+    with the user's question and ``pair`` holds the ``(chosen, rejected)`` replies to it."""
 
     index: int
     id: str | None
@@ -23,6 +24,7 @@ class Record:
     turns: tuple[Turn, ...]
     source: str
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    pair: tuple[str, str] | None = None
 
     @property
     def ref(self) -> str:
@@ -62,7 +64,8 @@ def load_records(path: str | Path) -> list[Record]:
 
 
 def parse_record(raw: Any, index: int, source: str) -> Record:
-    """Validate one LLaVA sample: ``image`` (str or list), ``conversations`` of ``{from, value}``."""
+    """Validate one LLaVA sample: ``image`` (str or list), ``conversations`` of ``{from, value}``; a preference sample
+    also has ``chosen`` and ``rejected`` replies to its last (human) turn."""
     ref = sample_ref(source, index, raw.get("id") if isinstance(raw, dict) else None)
     if not isinstance(raw, dict):
         raise DataError(f"{ref}: a sample must be a JSON object, got {type(raw).__name__}.")
@@ -97,7 +100,14 @@ def parse_record(raw: Any, index: int, source: str) -> Record:
             raise DataError(f"{ref}: turns must alternate human/gpt starting with human; turn {k} is {turn.role}.")
         if turn.role != "user" and IMAGE_PLACEHOLDER in turn.content:
             raise DataError(f"{ref}: {IMAGE_PLACEHOLDER} may only appear in human turns (turn {k}).")
-    if not any(t.role == "assistant" for t in dialogue):
+    pair = None
+    if "chosen" in raw or "rejected" in raw:
+        if not all(isinstance(raw.get(k), str) and raw.get(k) for k in ("chosen", "rejected")):
+            raise DataError(f"{ref}: a preference sample needs both 'chosen' and 'rejected' as non-empty strings.")
+        if dialogue[-1].role != "user":
+            raise DataError(f"{ref}: a preference sample's conversations end with the human turn that 'chosen' and 'rejected' answer.")
+        pair = (raw["chosen"], raw["rejected"])
+    elif not any(t.role == "assistant" for t in dialogue):
         raise DataError(f"{ref}: the conversation has no assistant (gpt) turn, so there is nothing to learn from.")
     placeholders = sum(t.content.count(IMAGE_PLACEHOLDER) for t in turns)
     if placeholders != len(images):
@@ -105,6 +115,7 @@ def parse_record(raw: Any, index: int, source: str) -> Record:
             f"{ref}: {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s); "
             f"put one {IMAGE_PLACEHOLDER} in the human text for each image."
         )
-    extra = {k: v for k, v in raw.items() if k not in ("id", "image", "images", "conversations")}
+    extra = {k: v for k, v in raw.items() if k not in ("id", "image", "images", "conversations", "chosen", "rejected")}
     sid = raw.get("id")
-    return Record(index=index, id=None if sid is None else str(sid), images=images, turns=tuple(turns), source=source, extra=extra)
+    return Record(index=index, id=None if sid is None else str(sid), images=images, turns=tuple(turns), source=source, extra=extra,
+                  pair=pair)

@@ -36,7 +36,7 @@ from mllm_kit.data.shapes import (
 )
 from mllm_kit.errors import ConfigError, did_you_mean
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: preference.json
 GENERATOR = "mllm_kit.data.synthetic"
 IMAGE_TOKEN = "<image>"
 # Seed streams per split: eval uses its own stream so it never replays training scenes.
@@ -164,6 +164,7 @@ class SynthPaths:
     align: Path
     sft: Path
     eval: Path
+    preference: Path
 
 
 # --- writing --------------------------------------------------------------------------------------
@@ -178,6 +179,7 @@ def _build_split(split: str, config: SynthConfig, image_dir: Path) -> list[dict[
     scene_rng = np.random.default_rng([config.seed, _SPLIT_STREAM[split], 0])
     # Noise has its own stream so blank_images cannot shift any question or answer.
     noise_rng = np.random.default_rng([config.seed, _SPLIT_STREAM[split], 1])
+    pair_rng = np.random.default_rng([config.seed, _SPLIT_STREAM[split], 2])  # likewise for the preference pairs
     count = {"align": config.num_align, "sft": config.num_sft, "eval": config.num_eval}[split]
     size, tasks = config.image_size, config.tasks
     records: list[dict[str, Any]] = []
@@ -212,6 +214,11 @@ def _build_split(split: str, config: SynthConfig, image_dir: Path) -> list[dict[
         for t, (_, question, ans) in enumerate(turns):
             conversations += [_human(question, t == 0), {"from": "gpt", "value": ans}]
         record: dict[str, Any] = {"id": name, "image": image, "conversations": conversations}
+        if split == "sft":  # the pair a preference stage reads: the first question, right vs wrong answer
+            task, question, answer = qa
+            wrong = [a for a in ANSWERS[task] if a != answer]
+            record["preference"] = {"conversations": [_human(question, True)], "chosen": answer,
+                                    "rejected": wrong[int(pair_rng.integers(len(wrong)))]}
         if split == "eval":
             record.update(task=task, answer=answer)
         records.append(record)
@@ -232,7 +239,12 @@ def _read_manifest(root: Path) -> dict[str, Any] | None:
 
 
 def _paths(root: Path) -> SynthPaths:
-    return SynthPaths(root, root, root / "align.json", root / "sft.json", root / "eval.json")
+    return SynthPaths(root, root, root / "align.json", root / "sft.json", root / "eval.json", root / "preference.json")
+
+
+def _preference_pairs(sft: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Preference records (chosen = the correct answer, rejected = another answer of the same task, same image)."""
+    return [{"id": f"pref_{r['id']}", "image": r["image"], **r.pop("preference")} for r in sft]
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -256,7 +268,10 @@ def generate(out_dir: str | Path, config: SynthConfig = SynthConfig()) -> SynthP
     try:
         (tmp / "images").mkdir()
         for split in ("align", "sft", "eval"):
-            _write_json(tmp / f"{split}.json", _build_split(split, config, tmp / "images"))
+            records = _build_split(split, config, tmp / "images")
+            if split == "sft":
+                _write_json(tmp / "preference.json", _preference_pairs(records))
+            _write_json(tmp / f"{split}.json", records)
         _write_json(tmp / "manifest.json", manifest)  # last: its presence marks a finished dataset
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700
         if _read_manifest(root) == manifest:  # another process (e.g. another rank) finished it meanwhile

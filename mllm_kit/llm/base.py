@@ -51,6 +51,24 @@ class LanguageModel(nn.Module):
         """``[B, T]`` ids → ``[B, T, D]`` input embeddings."""
         return self.model.get_input_embeddings()(input_ids)
 
+    def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None, output_hidden_states: bool = False):
+        """The decoder without its LM head: ``[B, T, D]`` embeddings → ``BaseModelOutput`` whose ``last_hidden_state``
+        ``[B, T, D]`` is after the final norm; :meth:`head` turns it into logits."""
+        return self.model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                        use_cache=False, output_hidden_states=output_hidden_states)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., D]`` → ``[..., V]``: the LM head, with the final logit soft-capping of models that have one (Gemma-2)."""
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the LM head's output (may exceed ``len(tokenizer)`` when the embedding matrix is padded)."""
+        return self.model.get_output_embeddings().weight.shape[0]
+
     def forward(
         self,
         inputs_embeds: torch.Tensor,

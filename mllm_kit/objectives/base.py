@@ -2,7 +2,9 @@
 
 Per batch the trainer asks the objective for its forward :meth:`~Objective.passes` (one by default), runs the model
 (and, for distillation, a teacher) once per pass, calls the objective on each pass's outputs, and combines the
-results with :meth:`~Objective.reduce`. Objectives never call the model.
+results with :meth:`~Objective.reduce`. Objectives never call the model. Before a stage trains (and in the
+pre-flight check) :meth:`~Objective.bind` sees the student and the teacher once: an objective checks there what it
+needs of them and creates any trainable module of its own (:meth:`~Objective.trainable_modules`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from mllm_kit.batch import IGNORE_INDEX, Batch
+from mllm_kit.errors import ConfigError
 from mllm_kit.model import MLLM, MLLMOutput
 
 
@@ -32,7 +36,25 @@ class Objective:
     Token-level losses are *sums* divided by ``normalizer``: the supervised-token count of the whole global batch,
     rescaled by the trainer for gradient accumulation and data parallelism, so that every supervised token of an
     optimiser step has the same weight. Outside training (``normalizer=None``) divide by the batch's own count.
+
+    ``needs_teacher``: the trainer runs a teacher (``stage.teacher``) on each pass's :meth:`Batch.teacher_view` and
+    passes its outputs. ``preference``: the data are chosen/rejected pairs (``Batch.pairs``).
     """
+
+    needs_teacher: bool = False
+    preference: bool = False
+
+    def bind(self, student: MLLM, teacher: MLLM | None, where: str = "objective", separate_view: bool = False) -> None:
+        """Check the models against what the objective reads (``where`` prefixes errors); ``separate_view``: the
+        teacher reads its own view of the samples (another template or image-token count)."""
+        if self.needs_teacher and teacher is None:
+            raise ConfigError(f"{where}: objective {type(self).__name__} distils from a teacher; set the stage's teacher "
+                              f"(run + stage, stage, hf_llava, or model + weights).")
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Modules the objective trains beside the model (e.g. a hidden-state adapter): optimised and checkpointed
+        with the stage, not saved in ``final/``."""
+        return {}
 
     def __call__(self, outputs: MLLMOutput, batch: Batch, normalizer: float | None,
                  teacher_outputs: MLLMOutput | None = None) -> dict[str, torch.Tensor]:

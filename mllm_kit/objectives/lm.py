@@ -6,16 +6,18 @@ import torch
 
 from mllm_kit.batch import Batch
 from mllm_kit.model import MLLMOutput
-from mllm_kit.objectives.base import Objective, shifted_token_ce
+from mllm_kit.objectives.base import Objective
+from mllm_kit.objectives.head import head_cross_entropy
 from mllm_kit.registry import register_objective
 
 
 @register_objective("lm")
 class LMObjective(Objective):
-    """Sum of next-token cross-entropy over supervised tokens / the global supervised-token count."""
+    """Sum of next-token cross-entropy over supervised tokens / the global supervised-token count. The LM head runs
+    only at the supervised positions, in chunks (:mod:`mllm_kit.objectives.head`)."""
 
     def __call__(self, outputs: MLLMOutput, batch: Batch, normalizer: float | None,
                  teacher_outputs: MLLMOutput | None = None) -> dict[str, torch.Tensor]:
-        loss_sum, n = shifted_token_ce(outputs.logits, batch.labels)
-        mean = loss_sum / n.clamp(min=1)
+        loss_sum, n = head_cross_entropy(outputs.hidden, batch.labels, outputs.head, batch.num_loss_tokens)
+        mean = loss_sum / max(n, 1)
         return {"loss": mean if normalizer is None else loss_sum / normalizer, "lm_loss": mean.detach()}

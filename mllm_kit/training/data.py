@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Subset
 
 from mllm_kit.batch import Batch
 from mllm_kit.data.collate import PadCollator
-from mllm_kit.data.dataset import LlavaDataset
+from mllm_kit.data.dataset import LlavaDataset, View
 from mllm_kit.data.sampler import grouped_indices
 from mllm_kit.data.synthetic import generate
 from mllm_kit.data.templates import get_template
@@ -25,6 +25,7 @@ from mllm_kit.model import MLLM
 from mllm_kit.training.evaluate import PromptCollator
 
 SYNTHETIC = "synthetic:"
+SYNTHETIC_SPLITS = ("align", "sft", "eval", "preference")
 
 
 class StepBatch(NamedTuple):
@@ -40,8 +41,9 @@ def check_source(spec: DataSpec, key: str, where: str = "data") -> None:
     if source is None:
         raise ConfigError(f"{where}.{key}: no data given; set a LLaVA JSON/JSONL path or synthetic:sft.")
     if source.startswith(SYNTHETIC):
-        if source[len(SYNTHETIC) :] not in ("align", "sft", "eval"):
-            raise ConfigError(f"{where}.{key}: {source!r} — the synthetic splits are synthetic:align, synthetic:sft, synthetic:eval.")
+        if source[len(SYNTHETIC) :] not in SYNTHETIC_SPLITS:
+            raise ConfigError(f"{where}.{key}: {source!r} — the synthetic splits are "
+                              f"{', '.join(SYNTHETIC + s for s in SYNTHETIC_SPLITS)}.")
         return
     if not Path(source).is_file():
         raise ConfigError(f"{where}.{key}: file {source!r} does not exist.")
@@ -61,16 +63,32 @@ def resolve_source(spec: DataSpec, data_root: Path, key: str, where: str = "data
     return path, Path(spec.image_root) if spec.image_root else path.parent
 
 
-def conversation_encoder(model: MLLM, spec: DataSpec) -> ConversationEncoder:
-    return ConversationEncoder(model.tokenizer, get_template(spec.template), model.image_token_id, model.tokens_per_image(),
+def conversation_encoder(model: MLLM, spec: DataSpec, template: str | None = None) -> ConversationEncoder:
+    return ConversationEncoder(model.tokenizer, get_template(template or spec.template), model.image_token_id, model.tokens_per_image(),
                                system_prompt=spec.system_prompt)
 
 
-def build_dataset(model: MLLM, spec: DataSpec, data_root: Path, split: str = "train", prompt: bool = False) -> LlavaDataset:
+def model_view(model: MLLM, spec: DataSpec, template: str | None = None) -> View:
+    """How ``model`` reads ``spec``'s samples (``template`` replaces the data's, for a teacher with its own)."""
+    return View(conversation_encoder(model, spec, template), model.make_image_transform(spec.image_mode), model.reads_instruction)
+
+
+def teacher_view(student: MLLM, teacher: MLLM, spec: DataSpec, template: str | None = None) -> View | None:
+    """The teacher's own view of the samples, or ``None`` when it reads them exactly as the student does (then the
+    teacher runs on the student's batch and the data is encoded once)."""
+    mine, theirs = model_view(student, spec), model_view(teacher, spec, template)
+    same = ((template or spec.template) == spec.template and theirs.encoder.tokens_per_image == mine.encoder.tokens_per_image
+            and teacher.image_token_id == student.image_token_id and theirs.image_transform == mine.image_transform
+            and theirs.instruction == mine.instruction)
+    return None if same else theirs
+
+
+def build_dataset(model: MLLM, spec: DataSpec, data_root: Path, split: str = "train", prompt: bool = False,
+                  teacher: View | None = None, preference: bool = False) -> LlavaDataset:
     path, image_root = resolve_source(spec, data_root, split)
-    transform = model.make_image_transform(spec.image_mode)
-    return LlavaDataset(path, image_root, conversation_encoder(model, spec), transform, max_length=spec.max_length,
-                        truncation=spec.truncation, prompt=prompt, instruction=model.reads_instruction)
+    view = model_view(model, spec)
+    return LlavaDataset(path, image_root, view.encoder, view.image_transform, max_length=spec.max_length, truncation=spec.truncation,
+                        prompt=prompt, instruction=view.instruction, teacher=teacher, preference=preference)
 
 
 class StepLoader:
@@ -128,17 +146,18 @@ class StepLoader:
                     window.append(next(it))
                 except StopIteration:
                     return
-            tokens = sum(b.num_loss_tokens for b in window)
+            tokens = sum(b.num_loss_tokens for b in window)  # preference rows included: those objectives average pairs
             for b in window:
                 yield StepBatch(b, tokens)
 
 
 class MLLMDataModule(L.LightningDataModule):
     """Training data of one stage and, when the stage names ``data.eval``, its held-out loaders: the eval samples
-    encoded for training (loss) and as prompts (generation accuracy), the first ``eval.max_samples`` of them."""
+    encoded for training (loss) and as prompts (generation accuracy), the first ``eval.max_samples`` of them.
+    ``teacher``: the training samples are also encoded in this teacher view; ``preference``: they are pairs."""
 
     def __init__(self, model: MLLM, spec: DataSpec, data_root: Path, micro_batch_size: int, accumulate: int, seed: int,
-                 eval_spec: EvalSpec | None = None, train: bool = True) -> None:
+                 eval_spec: EvalSpec | None = None, train: bool = True, teacher: View | None = None, preference: bool = False) -> None:
         super().__init__()
         self.model = model
         self.spec = spec
@@ -147,7 +166,7 @@ class MLLMDataModule(L.LightningDataModule):
         self.accumulate = accumulate
         self.seed = seed
         self.eval_spec = eval_spec or EvalSpec()
-        self.dataset = build_dataset(model, spec, data_root, "train") if train else None
+        self.dataset = build_dataset(model, spec, data_root, "train", teacher=teacher, preference=preference) if train else None
         self.eval_loss_set = self.eval_prompts = None
         if spec.eval is not None:
             self.eval_loss_set = build_dataset(model, spec, data_root, "eval")

@@ -4,7 +4,8 @@ One training step (DESIGN.md, "Data flow")::
 
     StepBatch(batch, step_loss_tokens)          the loader's micro-batch + its optimiser step's supervised-token count
     normalizer = all-reduce(step_loss_tokens) / (accumulation × world size)      one collective per optimiser step
-    for each pass of objective.passes(batch):    model(pass.batch) → outputs → objective(outputs, pass.batch, normalizer)
+    for each pass of objective.passes(batch):    model(pass.batch) → outputs   [teacher(pass.batch.teacher_view()), no grad]
+                                                 objective(outputs, pass.batch, normalizer, teacher_outputs)
     loss = objective.reduce(results) + Σ coef · aux loss                  Lightning: backward, accumulate, clip, step
 
 Lightning divides the returned loss by the accumulation count and DDP averages gradients over ranks; the normaliser
@@ -17,24 +18,35 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 
 from mllm_kit.batch import Batch
 from mllm_kit.config.recipe import EvalSpec, Stage
 from mllm_kit.model import MLLM
+from mllm_kit.errors import ConfigError
 from mllm_kit.objectives.base import Objective
+from mllm_kit.objectives.lm import LMObjective
 from mllm_kit.training.data import StepBatch
 from mllm_kit.training.evaluate import GenerationAccuracy, PromptBatch, generate_answers
 from mllm_kit.training.optim import build_optimizer, build_scheduler
+from mllm_kit.training.teacher import Teacher
 
-def score(model: MLLM, objective: Objective, batch: Batch,
-          normalizer: float | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """Run the objective's passes on ``model`` → ``(loss parts, aux losses averaged over passes, metrics of the last pass)``."""
+def score(model: MLLM, objective: Objective, batch: Batch, normalizer: float | None,
+          teacher: MLLM | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """Run the objective's passes on ``model`` (and the frozen ``teacher`` on each pass's teacher view, without
+    gradients; its activations are freed after the objective read them) → ``(loss parts, aux losses averaged over
+    passes, metrics of the last pass)``."""
     passes = objective.passes(batch, model)
     results, aux, metrics = [], {}, {}
     for p in passes:
         with model.connector_options(**p.connector):
             outputs = model(p.batch)
-        results.append(objective(outputs, p.batch, normalizer))
+        teacher_outputs = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_outputs = teacher(p.batch.teacher_view())
+        results.append(objective(outputs, p.batch, normalizer, teacher_outputs))
+        del teacher_outputs
         for name, value in outputs.aux_losses.items():
             aux[name] = aux.get(name, 0.0) + value / len(passes)
         metrics = outputs.metrics
@@ -45,11 +57,16 @@ class MLLMModule(L.LightningModule):
     """Trains (and validates) an :class:`MLLM` for one stage."""
 
     def __init__(self, model: MLLM, stage: Stage, objective: Objective, total_steps: int = 1, eval_spec: EvalSpec | None = None,
-                 tasks: list[str] | None = None, stop_token_ids: list[int] | None = None) -> None:
+                 tasks: list[str] | None = None, stop_token_ids: list[int] | None = None, teacher: Teacher | None = None) -> None:
         super().__init__()
         self.model = model
         self.stage = stage
         self.objective = objective
+        # Not a submodule: never optimised, checkpointed or wrapped by DDP (training/teacher.py).
+        self.teacher = teacher
+        self.objective_modules = nn.ModuleDict(objective.trainable_modules())
+        # Held-out loss is the LM loss of the data whatever the stage distils (validation runs no teacher).
+        self.val_objective = LMObjective() if objective.needs_teacher else objective
         self.total_steps = total_steps
         self.eval_spec = eval_spec or EvalSpec()
         self.stop_token_ids = stop_token_ids
@@ -71,7 +88,8 @@ class MLLMModule(L.LightningModule):
 
     def training_step(self, step: StepBatch, batch_idx: int) -> torch.Tensor:
         batch = step.batch
-        parts, aux_losses, metrics = score(self.model, self.objective, batch, self._step_normalizer(step.step_loss_tokens))
+        parts, aux_losses, metrics = score(self.model, self.objective, batch, self._step_normalizer(step.step_loss_tokens),
+                                           self.teacher.model if self.teacher is not None else None)
         loss = parts.pop("loss")
         for name, value in aux_losses.items():
             coef = self.stage.aux_loss_coef.get(name, 0.0)
@@ -88,7 +106,7 @@ class MLLMModule(L.LightningModule):
             predictions = generate_answers(self.model, batch.batch, self.eval_spec.max_new_tokens, self.stop_token_ids)
             self.accuracy.update(predictions, batch.targets, batch.tasks)
             return
-        parts, _, _ = score(self.model, self.objective, batch, None)
+        parts, _, _ = score(self.model, self.val_objective, batch, None)
         tokens = int(batch.num_loss_tokens or 1)  # token-weighted mean over the held-out set
         self.log("val/loss", parts["lm_loss"], on_epoch=True, batch_size=tokens, add_dataloader_idx=False, sync_dist=True)
 
@@ -99,7 +117,22 @@ class MLLMModule(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in result.items()}, add_dataloader_idx=False)
         self.accuracy.reset()
 
+    # -- the teacher: on the stage's device, recorded in every checkpoint ----------------------------
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.model.to(self.device)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mllm_kit_teacher"] = self.teacher.describe() if self.teacher is not None else None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        recorded = checkpoint.get("mllm_kit_teacher")
+        current = self.teacher.describe() if self.teacher is not None else None
+        if recorded != current:
+            raise ConfigError(f"stage {self.stage.name!r}: the checkpoint was trained with teacher {recorded}, but the recipe now "
+                              f"gives {current}; resume with the same teacher, or start the stage again in a new run directory.")
+
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.model, self.stage.optim)
+        optimizer = build_optimizer(self.model, self.stage.optim, self.objective_modules)
         scheduler = build_scheduler(optimizer, self.stage.optim, self.total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}

@@ -24,10 +24,12 @@ def _lr_for(name: str, spec: OptimSpec) -> float:
     return best
 
 
-def param_groups(model: nn.Module, spec: OptimSpec) -> list[dict]:
-    """Trainable parameters only (frozen ones get no optimiser state), grouped by (lr, decay)."""
+def param_groups(model: nn.Module, spec: OptimSpec, extra: nn.Module | None = None) -> list[dict]:
+    """Trainable parameters only (frozen ones get no optimiser state), grouped by (lr, decay). ``extra``: modules an
+    objective trains beside the model, named ``objective.<name>`` (for ``module_lr``)."""
     groups: dict[tuple[float, bool], dict] = {}
-    for name, param in model.named_parameters():
+    named = [*model.named_parameters(), *(extra.named_parameters(prefix="objective") if extra is not None else [])]
+    for name, param in named:
         if not param.requires_grad:
             continue
         lr, decay = _lr_for(name, spec), not _no_decay(name, param)
@@ -37,8 +39,8 @@ def param_groups(model: nn.Module, spec: OptimSpec) -> list[dict]:
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, spec: OptimSpec) -> torch.optim.Optimizer:
-    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, spec)]
+def build_optimizer(model: nn.Module, spec: OptimSpec, extra: nn.Module | None = None) -> torch.optim.Optimizer:
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, spec, extra)]
     return torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps, fused=None)
 
 

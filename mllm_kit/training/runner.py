@@ -29,9 +29,10 @@ from mllm_kit.training.checkpoint import AtomicCheckpointIO
 from mllm_kit.training.data import MLLMDataModule
 from mllm_kit.training.evaluate import EvalResult
 from mllm_kit.training.module import MLLMModule
-from mllm_kit.training.preflight import check_run, check_static
+from mllm_kit.training.preflight import bind, check_run, check_static
 from mllm_kit.training.stage import apply_transforms, stage_model, world_size
 from mllm_kit.training.state import LAST_CKPT, RunState, write_recipe
+from mllm_kit.training.teacher import Teachers
 from mllm_kit.training.trainable import apply_trainable, format_table
 
 log = get_logger(__name__)
@@ -88,7 +89,7 @@ class PreparedStage:
 
 
 def prepare_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, resume: bool = False,
-                  model: MLLM | None = None) -> PreparedStage:
+                  model: MLLM | None = None, teachers: Teachers | None = None) -> PreparedStage:
     stage = recipe.stages[index]
     where = f"stages[{index}]"
     stage_dir = run_dir / stage.name
@@ -99,30 +100,35 @@ def prepare_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, re
     if stage.trainer.activation_checkpointing:
         model.llm.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
+    teacher = (teachers or Teachers(recipe, state, [index])).get(index)
+    objective = OBJECTIVES.build(stage.objective)
+    view = bind(model, teacher.model if teacher else None, stage, objective, where)
     world = world_size(stage.trainer)
     accumulate = stage.optim.accumulation(world, f"{where}.optim")
-    data = MLLMDataModule(model, stage.data, run_dir / "data", stage.optim.micro_batch_size, accumulate, stage.trainer.seed, recipe.eval)
+    data = MLLMDataModule(model, stage.data, run_dir / "data", stage.optim.micro_batch_size, accumulate, stage.trainer.seed, recipe.eval,
+                          teacher=view, preference=objective.preference)
     per_epoch = data.steps_per_epoch(world)
     if per_epoch == 0:
         raise ConfigError(f"{where}.data: {len(data.dataset)} samples are fewer than one global batch of {stage.optim.global_batch_size}.")
     total_steps = stage.optim.max_steps or math.ceil(stage.optim.epochs * per_epoch)
-    objective = OBJECTIVES.build(stage.objective)
     module = MLLMModule(model, stage, objective, total_steps, recipe.eval, sorted(set(data.tasks.values())),
-                        data.eval_prompts.encoder.stop_token_ids() if data.eval_prompts else None)
+                        data.eval_prompts.encoder.stop_token_ids() if data.eval_prompts else None, teacher)
     trainer = make_trainer(stage, stage_dir, max_steps=total_steps, accumulate=accumulate, validate=data.eval_prompts is not None)
     if trainer.world_size != world:
         raise ConfigError(f"{where}.trainer: devices={stage.trainer.devices!r} × num_nodes={stage.trainer.num_nodes} gave "
                           f"{trainer.world_size} processes, not the {world} the batch arithmetic assumed; give devices as a number.")
     ckpt = stage_dir / "checkpoints" / LAST_CKPT
     ckpt_path = str(ckpt) if resume and ckpt.is_file() else None
-    log.info("stage %s: %d steps (%d per epoch), global batch %d = %d × %d ranks × %d accumulation%s", stage.name, total_steps,
+    log.info("stage %s: %d steps (%d per epoch), global batch %d = %d × %d ranks × %d accumulation%s%s", stage.name, total_steps,
              per_epoch, stage.optim.global_batch_size, stage.optim.micro_batch_size, world, accumulate,
+             f", distilling from the {teacher.spec.form} teacher" + (" (own view of the data)" if view else "") if teacher else "",
              f", resuming from {ckpt}" if ckpt_path else "")
     return PreparedStage(stage, model, module, data, trainer, ckpt_path, stage_dir / "final")
 
 
-def run_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, resume: bool, model: MLLM | None = None) -> Path:
-    prepared = prepare_stage(recipe, index, run_dir, state, resume, model)
+def run_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, resume: bool, model: MLLM | None = None,
+              teachers: Teachers | None = None) -> Path:
+    prepared = prepare_stage(recipe, index, run_dir, state, resume, model, teachers)
     name = prepared.stage.name
     if prepared.trainer.is_global_zero:
         state.mark(name, status="running")
@@ -157,10 +163,11 @@ def fit(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, stages: li
         raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume to continue it or choose another --run-dir.")
     resume = resume or not launching  # another rank of this run follows rank 0's record of what has finished
     todo = [i for i, s in enumerate(recipe.stages) if s.name in selected and not (resume and state.done(s.name))]
-    check_static(recipe, todo)
+    check_static(recipe, todo, state)
+    teachers = Teachers(recipe, state, todo)
     model = stage_model(recipe, todo[0], state) if todo else None
     if model is not None:
-        check_run(recipe, todo, model)
+        check_run(recipe, todo, model, teachers)
     if launching:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_recipe(run_dir, recipe)
@@ -168,7 +175,8 @@ def fit(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, stages: li
         if stage.name in selected and index not in todo:
             log.info("stage %s: already finished, skipping", stage.name)
         if index in todo:
-            run_stage(recipe, index, run_dir, state, resume, model if index == todo[0] else None)
+            run_stage(recipe, index, run_dir, state, resume, model if index == todo[0] else None, teachers)
+            teachers.release_after(index)
     return state
 
 

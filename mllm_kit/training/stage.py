@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 
-from mllm_kit.config.recipe import Recipe, Stage, TrainerSpec
+from mllm_kit.config.recipe import ModelSpec, Recipe, Stage, TrainerSpec
 from mllm_kit.data.templates import get_template
 from mllm_kit.errors import ConfigError
 from mllm_kit.log import get_logger
@@ -15,28 +15,41 @@ from mllm_kit.training.state import RunState
 log = get_logger(__name__)
 
 
-def build_recipe_model(recipe: Recipe) -> MLLM:
-    """The stage-0 model from the recipe's resolved specs, with every template's control tokens in the tokenizer."""
-    llm = recipe.model.llm
-    tokens = {t for s in recipe.stages for t in get_template(s.data.template).special_tokens()}
+def build_recipe_model(recipe: Recipe, spec: ModelSpec | None = None) -> MLLM:
+    """A fresh model from resolved specs (default: the recipe's ``model``), with every template's control tokens in
+    the tokenizer (so that a teacher and a student built by one recipe share their token ids)."""
+    spec = spec or recipe.model
+    llm = spec.llm
+    templates = [s.data.template for s in recipe.stages] + [s.teacher.template for s in recipe.stages if s.teacher and s.teacher.template]
+    tokens = {t for name in templates for t in get_template(name).special_tokens()}
     if tokens:
         llm = {**llm, "special_tokens": sorted(set(llm.get("special_tokens", [])) | tokens)}
-    return MLLM.build(recipe.model.encoder, recipe.model.connector, llm)
+    return MLLM.build(spec.encoder, spec.connector, llm)
+
+
+def start_of(recipe: Recipe, stage_index: int) -> str | None:
+    """The stage whose ``final/`` a stage starts from, or ``None`` when it builds a fresh model."""
+    stage = recipe.stages[stage_index]
+    if stage.model is not None or (stage_index == 0 and stage.init_from is None):
+        return None
+    return stage.init_from or recipe.stages[stage_index - 1].name
 
 
 def stage_model(recipe: Recipe, stage_index: int, state: RunState) -> MLLM:
-    """Stage k+1 starts from stage k's ``final/``; the first stage builds from the recipe. The stage's seed is set
-    first, so fresh weights (a connector trained from scratch) are a function of the recipe."""
-    L.seed_everything(recipe.stages[stage_index].trainer.seed, workers=True, verbose=False)
-    if stage_index == 0:
-        return build_recipe_model(recipe)
-    previous = recipe.stages[stage_index - 1].name
-    if not state.done(previous):
+    """Stage k+1 starts from stage k's ``final/`` (or ``init_from``'s); the first stage, and a stage that names
+    ``model``, build fresh. The stage's seed is set first, so fresh weights (a connector trained from scratch) are a
+    function of the recipe."""
+    stage = recipe.stages[stage_index]
+    L.seed_everything(stage.trainer.seed, workers=True, verbose=False)
+    source = start_of(recipe, stage_index)
+    if source is None:
+        return build_recipe_model(recipe, stage.model)
+    if not state.done(source):
         raise ConfigError(
-            f"stage {recipe.stages[stage_index].name!r} starts from stage {previous!r}, which has not finished in this "
+            f"stage {stage.name!r} starts from stage {source!r}, which has not finished in this "
             f"run directory; run it first (include it in --stages)."
         )
-    return MLLM.from_pretrained(state.final_dir(previous))
+    return MLLM.from_pretrained(state.final_dir(source))
 
 
 def apply_transforms(model: MLLM, stage: Stage, quiet: bool = False) -> None:
