@@ -177,13 +177,14 @@ def tiny_llm(
 
 
 # -- vision encoders ----------------------------------------------------------------------------
-ENCODER_FAMILIES = {"clip": "hf_clip", "siglip": "hf_siglip", "dinov2": "hf_dinov2", "timm_vit": "timm"}
+ENCODER_FAMILIES = {"clip": "hf_clip", "siglip": "hf_siglip", "dinov2": "hf_dinov2", "timm_vit": "timm", "convnext": "timm_convnext"}
 _MEAN_STD = {
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "timm_vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
+_MEAN_STD["convnext"] = _MEAN_STD["clip"]  # the CLIP-ConvNeXt towers
 
 
 def tiny_encoder(
@@ -217,6 +218,15 @@ def tiny_encoder(
                 args = dict(img_size=image_size, patch_size=patch_size, embed_dim=hidden_size, depth=num_layers,
                             num_heads=num_heads, mlp_ratio=intermediate_size / hidden_size, num_classes=0)
                 model = timm.create_model("vit_base_patch16_224", pretrained=False, **args)
+                model.pretrained_cfg = {**model.pretrained_cfg, "mean": mean, "std": std, "input_size": (3, image_size, image_size)}
+                save_for_hf(model, str(d), model_args=args, safe_serialization=True)
+                return
+            if family == "convnext":  # four stages (strides 4, 8, 16, 32), widths hidden/4 … hidden, one block each
+                import timm
+                from timm.models import save_for_hf
+
+                args = dict(dims=(hidden_size // 4, hidden_size // 2, 3 * hidden_size // 4, hidden_size), depths=(1, 1, 1, 1))
+                model = timm.create_model("convnext_atto", pretrained=False, num_classes=0, **args)
                 model.pretrained_cfg = {**model.pretrained_cfg, "mean": mean, "std": std, "input_size": (3, image_size, image_size)}
                 save_for_hf(model, str(d), model_args=args, safe_serialization=True)
                 return

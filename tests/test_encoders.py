@@ -354,3 +354,53 @@ def test_transform_converts_grayscale_and_rgba():
 def test_transform_rejects_bad_options(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         ImageTransform(**kwargs)
+
+
+# -- ConvNeXt (a stage's feature map as a patch grid) --------------------------------------------------
+
+
+def test_convnext_stages_are_timm_s_feature_maps_as_patch_grids(tmp_path):
+    from mllm_kit.encoders.timm_convnext import TimmConvNeXtEncoder
+
+    spec = tiny_encoder_spec("convnext", image_size=64)
+    last, third = ENCODERS.build(spec), ENCODERS.build({**spec, "select_layer": -2})
+    assert isinstance(last, TimmConvNeXtEncoder)
+    assert (last.embed_dim, last.patch_size, last.grid, third.embed_dim, third.patch_size, third.grid) == (64, 32, (2, 2), 48, 16, (4, 4))
+    x = torch.randn(2, 3, 64, 64)
+    feats = third(x)
+    m = third.model
+    stage3 = m.stages[:3](m.stem(x))
+    torch.testing.assert_close(feats.selected, stage3.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(last(x).selected, m.forward_features(x).flatten(2).transpose(1, 2))
+    assert [h.shape[1:] for h in feats.hidden_states] == [(256, 16), (256, 16), (64, 32), (16, 48), (4, 64)]
+    saved = third.save_pretrained(tmp_path / "convnext")
+    again = ENCODERS.build({"name": "timm_convnext", **saved, "select_layer": -2})
+    torch.testing.assert_close(again(x).selected, feats.selected)
+
+
+def test_convnext_options_fail_clearly(tmp_path):
+    spec = tiny_encoder_spec("convnext", image_size=64)
+    with pytest.raises(ConfigError, match="select_layer=5 is out of range for 4 blocks"):
+        ENCODERS.build({**spec, "select_layer": 5})
+    with pytest.raises(ConfigError, match="image_size 16 is smaller than the stride 32"):
+        ENCODERS.build({**spec, "image_size": 16})
+    with pytest.raises(ConfigError, match="is not a ConvNeXt; use the 'timm' encoder"):
+        ENCODERS.build({"name": "timm_convnext", "model_name": "vit_tiny_patch16_224"})
+
+
+def test_a_convnext_llava_trains_and_reloads(tmp_path):
+    from mllm_kit import MLLM, Batch
+    from mllm_kit.config import resolve_model
+    from mllm_kit.tiny import tiny_llm_spec
+
+    model = MLLM.build(resolve_model({**tiny_encoder_spec("convnext", image_size=64), "select_layer": -2}, "mlp2x_gelu",
+                                     tiny_llm_spec("llama")))
+    n = model.tokens_per_image()
+    assert n == 16
+    ids = torch.cat([torch.randint(10, 300, (2, 3)), torch.full((2, n), model.image_token_id), torch.randint(10, 300, (2, 4))], 1)
+    batch = Batch(input_ids=ids, labels=ids.clone(), pixel_values=torch.randn(2, 3, 64, 64), num_image_tokens=2 * n)
+    model(batch).logits.mean().backward()
+    assert model.connector.mlp[0].weight.grad is not None and all(p.grad is None for p in model.encoder.parameters())
+    model.save_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(MLLM.from_pretrained(tmp_path / "m")(batch).logits, model(batch).logits)

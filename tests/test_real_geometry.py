@@ -81,3 +81,11 @@ def test_matryoshka_scales_and_deepstack_layers(encoder_and_llm):
     assert [_build(encoder_and_llm, {"preset": "matryoshka", "scale": s}).tokens_per_image() for s in (144, 36, 9, 1)] == [144, 36, 9, 1]
     deepstack = _build(encoder_and_llm, "deepstack")
     assert deepstack.connector.layers == [1, 2, 3, 4] and max(deepstack.connector.layers) < len(deepstack.llm.decoder_layers)
+
+
+def test_clip_convnext_xxl_at_1024_gives_eagle_s_32x32_grid_of_3072_channels():
+    """Eagle's ConvNeXt member (specs/components.md §5.1): stride 32 at 1024 px."""
+    with torch.device("meta"):
+        encoder = ENCODERS.build(resolve_component("encoders", "clip_convnext_xxl_1024"))
+    assert (encoder.embed_dim, encoder.patch_size, encoder.grid, encoder.num_tokens) == (3072, 32, (32, 32), 1024)
+    assert _params(encoder) > 800e6  # the XXL trunk: 843M parameters

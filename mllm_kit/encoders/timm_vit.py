@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
 from mllm_kit.encoders.base import SelectFeature, VisionEncoder
+from mllm_kit.encoders.timm_models import create_model, save_model
 from mllm_kit.data.transforms import ImageTransform, ResizeMode
 from mllm_kit.errors import ConfigError
 from mllm_kit.registry import register_encoder
@@ -42,24 +41,8 @@ class TimmVisionEncoder(VisionEncoder):
         load_weights: bool = True,
     ) -> None:
         super().__init__(select_layer=select_layer, select_feature=select_feature, frozen=frozen)
-        kwargs: dict[str, Any] = {"num_classes": 0, **(model_kwargs or {})}
-        if image_size is not None:
-            kwargs["img_size"] = image_size
-        # Architecture arguments, kept so save_pretrained() writes a directory that rebuilds the same model.
-        self._model_args = dict(model_kwargs or {})
-        if path is not None:
-            config_file = Path(path, "config.json")
-            if not config_file.is_file():
-                raise ConfigError(f"timm encoder path {path!r} has no config.json (write it with timm save_for_hf).")
-            self._model_args = {**json.loads(config_file.read_text()).get("model_args", {}), **self._model_args}
-            self.model = timm.create_model(f"local-dir:{path}", pretrained=load_weights, **kwargs)
-        elif model_name is not None:
-            if weights is not None and not Path(weights).is_file():
-                raise ConfigError(f"timm encoder weights file {weights!r} does not exist.")
-            overlay = {"pretrained_cfg_overlay": {"file": str(weights)}} if weights else {}
-            self.model = timm.create_model(model_name, pretrained=weights is not None, **overlay, **kwargs)
-        else:
-            raise ConfigError("timm encoder needs 'model_name' (with optional 'weights') or 'path'.")
+        size = {"img_size": image_size} if image_size is not None else {}
+        self.model, self._model_args = create_model("timm", model_name, path, weights, model_kwargs, load_weights, **size)
         m = self.model
         if not all(hasattr(m, a) for a in ("patch_embed", "blocks", "_pos_embed", "norm_pre")):
             raise ConfigError(f"timm model {type(m).__name__} is not a VisionTransformer; mllm-kit's timm encoder reads ViT blocks.")
@@ -79,17 +62,8 @@ class TimmVisionEncoder(VisionEncoder):
         self.finish_init()
 
     def save_pretrained(self, directory: Path, weights: bool = True) -> dict[str, Any]:
-        from timm.models import save_for_hf
-        from timm.models._hub import save_config_for_hf
-
-        args = {"img_size": self.image_size, **getattr(self, "_model_args", {})}
-        if weights:
-            save_for_hf(self.model, str(directory), model_args=args, safe_serialization=True)
-        else:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            save_config_for_hf(self.model, str(Path(directory) / "config.json"), model_args=args)
-        return {"path": str(directory), "model_name": None, "weights": None, "model_kwargs": None, "image_size": None,
-                "load_weights": weights}
+        args = {"img_size": self.image_size, **self._model_args}
+        return {**save_model(self.model, directory, args, weights), "image_size": None}
 
     @property
     def grid(self) -> tuple[int, int]:
