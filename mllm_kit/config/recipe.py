@@ -28,7 +28,7 @@ class ModelSpec:
 
 @dataclass
 class DataSpec:
-    """``train``/``eval``: a LLaVA JSON/JSONL path, or ``synthetic:align|sft|eval``; a stage with ``eval`` data reports
+    """``train``/``eval``: a LLaVA JSON/JSONL path, or ``synthetic:align|sft|eval|preference``; a stage with ``eval`` data reports
     held-out loss and generation accuracy on it (see ``trainer.val_every_n_steps``), and the last stage's ``eval`` is
     what ``mllm-kit fit`` evaluates after training; without it nothing is evaluated. ``image_mode`` overrides the
     encoder's resize mode for this data (LLaVA-1.5 pads to square only in SFT). ``system_prompt`` replaces the
