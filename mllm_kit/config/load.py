@@ -154,19 +154,24 @@ def _over_model(base: ModelSpec, specs: dict[str, Any], where: str) -> ModelSpec
     return ModelSpec(**parts)
 
 
+def _check_earlier(spec: RecipeSpec, index: int, name: str, where: str, hint: str = "") -> None:
+    earlier = [t.name for t in spec.stages[:index]]
+    if name not in earlier:
+        raise ConfigError(f"{where}: {name!r} is not an earlier stage of this recipe.{did_you_mean(name, earlier)} "
+                          f"Earlier stages: {', '.join(earlier) or '(none)'}{hint}.")
+
+
 def _resolve_start(spec: RecipeSpec, index: int) -> tuple[ModelSpec | None, str | None]:
     """A stage's fresh model (its ``model`` over the recipe's) or the earlier stage it continues from."""
     s, where = spec.stages[index], f"stages[{index}]"
-    earlier = [t.name for t in spec.stages[:index]]
     if s.model is not None and s.init_from is not None:
         raise ConfigError(f"{where}: names both model (a fresh start) and init_from={s.init_from!r}; keep one.")
-    if s.init_from is not None and s.init_from not in earlier:
-        raise ConfigError(f"{where}.init_from: {s.init_from!r} is not an earlier stage of this recipe.{did_you_mean(s.init_from, earlier)} "
-                          f"Earlier stages: {', '.join(earlier) or '(none)'}.")
+    if s.init_from is not None:
+        _check_earlier(spec, index, s.init_from, f"{where}.init_from")
     return (_over_model(spec.model, s.model, f"{where}.model") if s.model is not None else None), s.init_from
 
 
-def _resolve_teacher(spec: RecipeSpec, index: int, data: DataSpec) -> TeacherSpec | None:
+def _resolve_teacher(spec: RecipeSpec, index: int) -> TeacherSpec | None:
     t, where = spec.stages[index].teacher, f"stages[{index}].teacher"
     if t is None:
         return None
@@ -181,10 +186,7 @@ def _resolve_teacher(spec: RecipeSpec, index: int, data: DataSpec) -> TeacherSpe
     if t.weights is not None and t.model is None:
         raise ConfigError(f"{where}.weights: belongs to a model teacher (teacher.model); {forms[0] if forms else 'stage'} teachers carry their own.")
     if t.form == "stage":
-        earlier = [s.name for s in spec.stages[:index]]
-        if t.stage not in earlier:
-            raise ConfigError(f"{where}.stage: {t.stage!r} is not an earlier stage of this recipe.{did_you_mean(t.stage, earlier)} "
-                              f"Earlier stages: {', '.join(earlier) or '(none)'} (a teacher from another run needs teacher.run).")
+        _check_earlier(spec, index, t.stage, f"{where}.stage", " (a teacher from another run needs teacher.run)")
     if t.template is not None:
         check_template(t.template, f"{where}.template")
     model = None if t.model is None else to_dict(_over_model(spec.model, t.model, f"{where}.model"))
@@ -203,7 +205,7 @@ def _resolve_stage(spec: RecipeSpec, index: int) -> Stage:
     transforms = [resolve_named(TRANSFORMS, t, f"{where}.transforms[{k}]") for k, t in enumerate(s.transforms)]
     objective = resolve_named(OBJECTIVES, s.objective, f"{where}.objective")
     model, init_from = _resolve_start(spec, index)
-    teacher = _resolve_teacher(spec, index, data)
+    teacher = _resolve_teacher(spec, index)
     return Stage(s.name, s.trainable, transforms, objective, s.aux_loss_coef, data, optim, trainer, model, init_from, teacher)
 
 

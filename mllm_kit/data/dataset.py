@@ -84,17 +84,22 @@ class LlavaDataset(Dataset[Sample]):
         self.records = records if records is not None else load_records(path)
         if not self.records:
             raise DataError(f"data file {self.path!r} holds no samples.")
-        self.encoder = encoder
-        self.image_transform = image_transform
         self.max_length = max_length
         self.truncation = truncation
         self.prompt = prompt
-        self.instruction = instruction
         self.view = View(encoder, image_transform, instruction)
         self.teacher = teacher
         self.preference = preference
         self.num_trimmed = 0
         self.num_dropped = 0
+
+    @property
+    def encoder(self) -> ConversationEncoder:
+        return self.view.encoder
+
+    @property
+    def image_transform(self) -> ImageTransform | CropGridTransform:
+        return self.view.image_transform
 
     def __len__(self) -> int:
         return len(self.records)
@@ -164,7 +169,7 @@ class LlavaDataset(Dataset[Sample]):
 
     def _encode_view(self, record: Record, turns: tuple[Turn, ...], view: View, max_length: int, images: dict[str, object],
                      log_events: bool) -> Sample | int:
-        encoded = view.encoder.encode_prompt(turns) if self.prompt and not self.preference else view.encoder.encode(turns)
+        encoded = view.encoder.encode_prompt(turns) if self.prompt else view.encoder.encode(turns)
         fitted = truncate(encoded, max_length, self.truncation)
         if fitted is None:
             if log_events:

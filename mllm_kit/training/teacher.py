@@ -23,7 +23,7 @@ from mllm_kit.errors import ConfigError
 from mllm_kit.log import get_logger
 from mllm_kit.model import MLLM, MLLM_CONFIG
 from mllm_kit.pretrained import resolve_dtype
-from mllm_kit.training.state import RunState, read_run
+from mllm_kit.training.state import STATE_FILE, RunState
 
 log = get_logger(__name__)
 
@@ -44,10 +44,10 @@ def check_source(spec: TeacherSpec, where: str, state: RunState, earlier: list[s
     """The teacher exists and is finished — before anything trains. ``earlier``: stages of this recipe that will
     have finished before the stage starts (done, or run first)."""
     if spec.form == "run":
-        _, other = read_run(spec.run) if Path(spec.run).is_dir() else (None, None)
-        if other is None:
+        if not (Path(spec.run) / STATE_FILE).is_file():
             raise ConfigError(f"{where}.run: {spec.run!r} is not a run directory (made by `mllm-kit fit`); give the run whose "
                               f"stage {spec.stage!r} trained the teacher.")
+        other = RunState.load(Path(spec.run))
         if not other.done(spec.stage):
             status = other.stages.get(spec.stage, {}).get("status", "not run")
             raise ConfigError(f"{where}.stage: stage {spec.stage!r} of run {spec.run!r} has not finished ({status}; finished: "
