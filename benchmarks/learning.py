@@ -23,6 +23,11 @@ the teacher is seed 0's.
 
     python benchmarks/learning.py --seeds 0 1 2 --distill      # teacher + every student row, 3 seeds, mean ± std
 
+Encoder mixtures and AnyRes (docs/encoders/mixtures.md, docs/zoo.md): a colour-only member (8 px, one token) and a
+shape-only member (grayscale), alone and fused by each fusion; AnyRes against the same encoder at a fixed 32 px.
+
+    python benchmarks/learning.py --seeds 0 1 2 --mixtures
+
 Results go to `runs/learning/<variant>/` (the run) and `runs/learning/results.json`; a Markdown table is printed.
 """
 
@@ -83,6 +88,32 @@ VARIANTS: dict[str, Variant] = {
     "lora_moe": Variant([], "+ LoRA-MoE stage (4 experts r 16, instance top-2 gate, LLM frozen), same four tasks; 600 steps",
                         recipe="quickstart_lora_moe", stage="lora_moe"),
 }
+
+# Mixtures (docs/encoders/mixtures.md): a member that sees only coarse colour (the quickstart's encoder at 8 px: one
+# patch, the image's mean colour) and one that sees only shape (the quickstart's encoder on a grayscale image); each
+# alone misses half the task. 600 SFT steps for every row (the quickstart: 900).
+_ENC = "image_size: {size}, patch_size: 8, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 2"
+_COLOUR = "{name: hf_clip, config: {" + _ENC.format(size=8) + "}, select_layer: -2, image_mode: resize}"
+_SHAPE = "{name: hf_clip, config: {" + _ENC.format(size=64) + "}, select_layer: -2, image_mode: resize, grayscale: true}"
+_MIX = "model.encoder={name: mixture, members: {colour: " + _COLOUR + ", shape: " + _SHAPE + "}}"
+_SHORT = ["stages.sft.optim.max_steps=600"]
+MIXTURES: dict[str, Variant] = {
+    "mix_colour_only": Variant([f"model.encoder={_COLOUR}", *_SHORT], "the colour member alone (8 px, 1 token) + mlp2x_gelu"),
+    "mix_shape_only": Variant([f"model.encoder={_SHAPE}", *_SHORT], "the grayscale member alone (64 px, 64 tokens) + mlp2x_gelu"),
+    "mix_channel_concat": Variant([_MIX, "model.connector={name: channel_concat, target_grid: shape}", *_SHORT],
+                                  "both, the colour token resampled to 8×8 and concatenated along channels (Eagle)"),
+    "mix_sequence_concat": Variant([_MIX, "model.connector=sequence_concat", *_SHORT],
+                                   "both, each with its own mlp2x_gelu, 1 + 64 tokens one after another"),
+    "mix_comm": Variant([_MIX, "model.connector={name: comm, inner: mlp2x_gelu}", *_SHORT],
+                        "both, COMM's multi-level merge (every layer of each member) into mlp2x_gelu"),
+    # AnyRes (LLaVA-NeXT) against the same encoder at a fixed low resolution, on shapes small at that resolution.
+    "anyres_low": Variant(["model.encoder.config.image_size=32", "data.synthetic.tasks=[shape]", "data.synthetic.radius=[10,16]",
+                           *_SHORT], "control: the encoder at 32 px (4×4 tokens) on 64 px images of shapes only"),
+    "anyres": Variant(["model.encoder.config.image_size=32", "data.synthetic.tasks=[shape]", "data.synthetic.radius=[10,16]",
+                       "model.connector={preset: anyres, pinpoints: [[32, 64], [64, 32], [64, 64]]}", *_SHORT],
+                      "AnyRes: the 32 px base view + a 2×2 grid of 32 px crops (16 + 8·9 = 88 tokens)"),
+}
+VARIANTS.update(MIXTURES)
 
 _TEACHER = "{run: {teacher}, stage: teacher_sft}"
 _LM = ["stages.dpt.teacher=null", "stages.dpt.objective=lm", "stages.dft.teacher=null", "stages.dft.objective=lm"]
@@ -197,6 +228,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="training seed (the data and the held-out set stay fixed)")
     parser.add_argument("--seeds", type=int, nargs="+", help="several training seeds (a mean ± std table is printed)")
     parser.add_argument("--distill", action="store_true", help="the distillation rows (teacher once, students per seed)")
+    parser.add_argument("--mixtures", action="store_true", help="the encoder-mixture and AnyRes rows")
     args = parser.parse_args()
     if args.list:
         print("\n".join(f"{k}: {v.note}" for k, v in VARIANTS.items()))
@@ -208,7 +240,8 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     store = root / "results.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
-    names = args.variants or (list(DISTILL) if args.distill else [n for n in VARIANTS if n not in DISTILL])
+    names = args.variants or (list(DISTILL) if args.distill else list(MIXTURES) if args.mixtures
+                              else [n for n in VARIANTS if n not in DISTILL and n not in MIXTURES])
     seeds = args.seeds or [args.seed]
     for seed in seeds:
         for name in names:

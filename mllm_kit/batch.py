@@ -23,7 +23,9 @@ class Batch:
     ``num_loss_tokens``: supervised targets after the causal shift (host count). A batch is not changed after
     collation; the trainer derives the loss normaliser from the loader's per-step counts.
     ``crop_pixel_values`` ``[Σ crops, 3, H, W]`` / ``crop_grids`` (one ``(rows, cols)`` per image): the
-    high-resolution view, for connectors that read one (DeepStack).
+    high-resolution view, for connectors that read one (DeepStack, AnyRes); ``image_sizes``: each image's
+    original ``(width, height)`` (AnyRes unpads with it). A mixture's ``pixel_values`` are ``[n_img, Σ 3·Hᵢ·Wᵢ]``
+    (every member's image flattened, member order; crops likewise).
     ``instruction_ids`` / ``instruction_mask`` ``[B, L]``: each sample's first user message by itself, for an
     instance-level gate (LoRA-MoE); without them the gate reads :meth:`prompt_mask`'s tokens.
     ``teacher``: the same samples as a distillation teacher reads them (its own template and image-token count),
@@ -43,6 +45,7 @@ class Batch:
     num_loss_tokens: int | None = None
     crop_pixel_values: torch.Tensor | None = None
     crop_grids: list[tuple[int, int]] = field(default_factory=list)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
     instruction_ids: torch.Tensor | None = None
     instruction_mask: torch.Tensor | None = None
     teacher: Batch | None = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -11,21 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from mllm_kit.batch import Batch
 from mllm_kit.connectors.base import Connector, ConnectorOutput, build_connector
 from mllm_kit.encoders.base import VisionEncoder
-from mllm_kit.data.transforms import CropGridTransform, ImageTransform
+from mllm_kit.data.transforms import BaseTransform, CropGridTransform
 from mllm_kit.errors import ConfigError, MllmKitError
-from mllm_kit.files import atomic_dir
 from mllm_kit.llm.base import LanguageModel
-from mllm_kit.registry import ENCODERS, LLMS, TRANSFORMS, Registry
+from mllm_kit.registry import ENCODERS, LLMS, Registry
+from mllm_kit.saving import MLLM_CONFIG, load_mllm, save_mllm
 
-MLLM_CONFIG = "mllm.json"
-CONNECTOR_WEIGHTS = "connector.safetensors"
-TRANSFORMED_WEIGHTS = "model.safetensors"
 
 
 @dataclass
@@ -89,7 +84,11 @@ class MLLM(nn.Module):
     @property
     def reads_instruction(self) -> bool:
         """Whether a module reads each sample's instruction (then datasets supply ``instruction_ids``)."""
-        return bool(self._context_modules)
+        return bool(self._context_modules) or self._connector_reads_context
+
+    @property
+    def _connector_reads_context(self) -> bool:
+        return callable(getattr(self.connector, "set_context", None))
 
     @classmethod
     def build(cls, encoder: Any, connector: Mapping[str, Any] | str | None = None, llm: Mapping[str, Any] | str | None = None) -> MLLM:
@@ -103,82 +102,45 @@ class MLLM(nn.Module):
             encoder, connector, llm = encoder.encoder, encoder.connector, encoder.llm
         enc = ENCODERS.build(_registered(ENCODERS, encoder, "encoders"))
         lm = LLMS.build(_registered(LLMS, llm, "llms"))
-        conn = build_connector(connector, [enc.embed_dim], lm.hidden_size, enc.grid)
+        conn = build_connector(connector, enc.feature_dims, lm.hidden_size, enc.grid, enc.feature_grids,
+                               enc.feature_names, enc.image_transform.size, enc.feature_depths)
         return cls(enc, conn, lm)
 
     # -- saving and loading ----------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``encoder/`` and ``llm/`` (HF/timm directories), ``connector.safetensors`` and ``mllm.json``,
-        atomically: an interrupted save leaves any previous ``directory`` intact.
-
-        A model changed by transforms (MoE upcycling, LoRA, ...) no longer matches its parts' checkpoint layouts:
-        ``encoder/`` and ``llm/`` then hold only what rebuilds the architectures (configs, tokenizer, image
-        statistics), and every weight goes into ``model.safetensors`` by module path; loading rebuilds the parts,
-        replays the recorded transforms and loads that file strictly.
-        """
-        specs = {}
-        for part in ("encoder", "connector", "llm"):
-            spec = getattr(getattr(self, part), "build_spec", None)
-            if spec is None:
-                raise ConfigError(f"the {part} was not built from a spec (use MLLM.build), so it cannot be saved for reloading.")
-            specs[part] = dict(spec)
-        weights = not self.transforms
-        with atomic_dir(directory) as tmp:
-            specs["encoder"].update(self.encoder.save_pretrained(tmp / "encoder", weights=weights))
-            specs["llm"].update(self.llm.save_pretrained(tmp / "llm", weights=weights))
-            if weights:
-                save_file({k: v.contiguous() for k, v in self.connector.state_dict().items()}, str(tmp / CONNECTOR_WEIGHTS))
-            else:
-                save_model(self, str(tmp / TRANSFORMED_WEIGHTS))  # drops tied duplicates (e.g. tied LM head)
-            for part in ("encoder", "llm"):  # paths inside the saved directory are stored relative to it
-                specs[part]["path"] = part
-            meta = {"format": 1, "tokens_per_image": self.tokens_per_image(), "transforms": self.transforms, **specs}
-            (tmp / MLLM_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-        return Path(directory)
+        """Write the model atomically (:func:`mllm_kit.saving.save_mllm` says what goes where)."""
+        return save_mllm(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, connector: Mapping[str, Any] | None = None) -> MLLM:
         """Load what :meth:`save_pretrained` wrote. ``connector`` changes connector options that hold no
         weights (e.g. a Matryoshka model's inference ``scale``)."""
-        directory = Path(directory)
-        config_file = directory / MLLM_CONFIG
-        if not config_file.is_file():
-            raise ConfigError(f"{directory} is not a saved mllm-kit model (no {MLLM_CONFIG}).")
-        meta = json.loads(config_file.read_text())
-        specs = {}
-        for part in ("encoder", "connector", "llm"):
-            spec = dict(meta[part])
-            if part != "connector":  # None marks a build option the saved directory replaces (config, tokenizer)
-                spec = {k: v for k, v in spec.items() if v is not None}
-                spec["path"] = str(directory / spec["path"])
-            specs[part] = spec
-        model = cls.build(specs["encoder"], {**specs["connector"], **(connector or {})}, specs["llm"])
-        transforms = meta.get("transforms", [])
-        for spec in transforms:
-            TRANSFORMS.build(spec)(model)
-        if transforms:
-            missing, unexpected = load_model(model, str(directory / TRANSFORMED_WEIGHTS), strict=False)
-            if missing or unexpected:
-                raise ConfigError(f"{directory / TRANSFORMED_WEIGHTS} does not fit the model rebuilt from {MLLM_CONFIG} "
-                                  f"(transforms {[t.get('name') for t in transforms]}): missing {sorted(missing)[:5]}, "
-                                  f"unexpected {sorted(unexpected)[:5]}.")
-        else:
-            model.connector.load_state_dict(load_file(str(directory / CONNECTOR_WEIGHTS)))
-        return model
+        return load_mllm(cls, directory, connector)
 
     # -- what the data pipeline needs to know -------------------------------------------------
-    def tokens_per_image(self) -> int:
-        """N: visual tokens one image occupies in the LLM sequence."""
+    def tokens_per_image(self, image_size: tuple[int, int] | None = None) -> int:
+        """N: visual tokens one image of ``image_size = (width, height)`` occupies in the LLM sequence. Most connectors
+        give every image the same N (the size is not needed); with ``dynamic_tokens`` (AnyRes) it is required."""
+        if self.connector.dynamic_tokens:
+            if image_size is None:
+                raise ConfigError(f"connector {type(self.connector).__name__} gives each image a number of visual tokens "
+                                  f"that depends on its size; pass tokens_per_image(image_size=(width, height)).")
+            return self.connector.tokens_for_image(tuple(image_size), self.encoder.num_tokens, self.encoder.grid)
         return self.connector.num_tokens(self.encoder.num_tokens, self.encoder.grid)
 
-    def make_image_transform(self, mode: str | None = None) -> ImageTransform | CropGridTransform:
+    def image_token_count(self) -> int | Callable[[tuple[int, int]], int]:
+        """What the data pipeline expands each ``<image>`` to: N, or N as a function of the image's (width, height)."""
+        return self.tokens_per_image if self.connector.dynamic_tokens else self.tokens_per_image()
+
+    def make_image_transform(self, mode: str | None = None) -> BaseTransform | CropGridTransform:
         """The encoder's transform (``mode`` overrides its resize mode), with the high-resolution crops the
         connector reads when it reads any."""
         transform = self.encoder.image_transform
         if mode is not None:
-            transform = dataclasses.replace(transform, mode=mode)
-        if self.connector.num_crops:
-            return CropGridTransform(transform, self.connector.num_crops)
+            transform = transform.with_mode(mode)
+        candidates = self.connector.crop_candidates()
+        if candidates:
+            return CropGridTransform(transform, tuple(candidates))
         return transform
 
     @contextlib.contextmanager
@@ -212,14 +174,20 @@ class MLLM(nn.Module):
         text_context: torch.Tensor | None = None,
         crop_pixel_values: torch.Tensor | None = None,
         crop_grids: list[tuple[int, int]] | None = None,
+        image_sizes: list[tuple[int, int]] | None = None,
     ) -> ConnectorOutput:
-        """``[n_img, 3, H, W]`` (and optional high-resolution crops) → connector output with ``tokens [n_img, N, D]``."""
+        """``[n_img, 3, H, W]`` (a mixture's: ``[n_img, Σ 3·Hᵢ·Wᵢ]``), optional high-resolution crops and each image's
+        original ``(width, height)`` → connector output with ``tokens [n_img, N, D]`` (``[Σ Nᵢ, D]`` when dynamic)."""
         if crop_pixel_values is None:
-            return self.connector([self.encoder(pixel_values)], text_context=text_context)
-        if not self.connector.num_crops:
+            features = self.encoder.features(pixel_values)
+        elif not self.connector.crop_candidates():
             raise ConfigError(f"the batch carries high-resolution crops but connector {type(self.connector).__name__} reads none.")
-        features = self.connector.encode_views(self.encoder, pixel_values, crop_pixel_values, list(crop_grids or []))
-        return self.connector([features], text_context=text_context)
+        else:
+            features = self.connector.encode_views(self.encoder, pixel_values, crop_pixel_values, list(crop_grids or []))
+        if image_sizes is not None:
+            for f in features:
+                f.image_sizes = [tuple(size) for size in image_sizes]
+        return self.connector(features, text_context=text_context)
 
     def embed_inputs(
         self,
@@ -229,17 +197,20 @@ class MLLM(nn.Module):
         crop_pixel_values: torch.Tensor | None = None,
         crop_grids: list[tuple[int, int]] | None = None,
         instruction: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        image_sizes: list[tuple[int, int]] | None = None,
+        images_per_sample: list[int] | None = None,
     ) -> tuple[torch.Tensor, ConnectorOutput | None]:
         """Input embeddings ``[B, T, D]`` with visual tokens at image positions.
 
         When the connector returns ``injections`` (DeepStack), they are armed on the LLM for the next forward.
         Modules that read each sample's instruction (see :meth:`record_transform`) get the embeddings of
         ``instruction = (ids [B, L], mask [B, L] or None)``, or, when it is an ``[B, T]`` mask alone (no ids), the
-        embeddings of ``input_ids`` where it is set, image positions excluded.
+        embeddings of ``input_ids`` where it is set, image positions excluded. A connector that reads it (MoVA's gate)
+        gets the same rows repeated per image (``images_per_sample``, default one image per sample).
         """
         embeds = self.llm.embed(input_ids)
         self.llm.injector.clear()
-        if self._context_modules:
+        if self._context_modules or self._connector_reads_context:
             ids, mask = instruction if instruction is not None else (None, None)
             if ids is not None:
                 text = self.llm.embed(ids)
@@ -249,22 +220,32 @@ class MLLM(nn.Module):
                 mask = (input_ids != self.image_token_id) & (True if mask is None else mask.bool())
             for module in self._context_modules:
                 module.set_context(text, mask)
+            if self._connector_reads_context and pixel_values is not None and pixel_values.shape[0]:
+                counts = images_per_sample if images_per_sample is not None else [1] * text.shape[0]
+                if len(counts) != text.shape[0] or sum(counts) != pixel_values.shape[0]:
+                    raise ConfigError(f"the connector reads each image's instruction, but images_per_sample {list(counts)} does "
+                                      f"not fit {text.shape[0]} samples with {pixel_values.shape[0]} images.")
+                per_image = torch.tensor(counts, device=text.device)
+                self.connector.set_context(text.repeat_interleave(per_image, dim=0, output_size=sum(counts)),
+                                           mask.repeat_interleave(per_image, dim=0, output_size=sum(counts)))
         if pixel_values is None or pixel_values.shape[0] == 0:
             if num_image_tokens:
                 raise ImageTokenMismatch(f"batch has {num_image_tokens} image-token positions but no images.")
             if self.training:
                 embeds = embeds + 0.0 * self._dummy_visual_sum(embeds)
             return embeds, None
-        out = self.encode_images(pixel_values, crop_pixel_values=crop_pixel_values, crop_grids=crop_grids)
+        out = self.encode_images(pixel_values, crop_pixel_values=crop_pixel_values, crop_grids=crop_grids, image_sizes=image_sizes)
         tokens = out.tokens
         mask = input_ids == self.image_token_id
         positions = num_image_tokens if num_image_tokens is not None else int(mask.sum())
-        produced = tokens.shape[0] * tokens.shape[1]
+        produced = tokens.shape[0] * tokens.shape[1] if tokens.dim() == 3 else tokens.shape[0]
         if positions != produced:
+            made = f"{tokens.shape[0]} images × {tokens.shape[1]} tokens = {produced}" if tokens.dim() == 3 else f"{produced} tokens"
+            expected = ("model.tokens_per_image(image_size) ids (the count depends on each image's size)" if self.connector.dynamic_tokens
+                        else f"model.tokens_per_image() = {self.tokens_per_image()} ids")
             raise ImageTokenMismatch(
-                f"the batch has {positions} image-token positions but the connector produced {tokens.shape[0]} images × "
-                f"{tokens.shape[1]} tokens = {produced}. Expand each <image> to model.tokens_per_image() = "
-                f"{self.tokens_per_image()} ids in the data pipeline, and never truncate inside an image span."
+                f"the batch has {positions} image-token positions but the connector produced {made}. Expand each <image> "
+                f"to {expected} in the data pipeline, and never truncate inside an image span."
             )
         embeds = embeds.masked_scatter(mask.unsqueeze(-1), tokens.to(embeds.dtype))
         if out.injections:
@@ -274,16 +255,19 @@ class MLLM(nn.Module):
     def _dummy_visual_sum(self, like: torch.Tensor) -> torch.Tensor:
         # Text-only batches still run the vision path so that every rank calls the same sharded
         # modules under FSDP/ZeRO-3 (anchors.md §9.5); the result is multiplied by zero.
-        size = self.encoder.image_size
-        dummy = torch.zeros(1, 3, size, size, device=like.device, dtype=self.encoder.dtype)
-        return self.encode_images(dummy).tokens.sum().to(like.dtype)
+        if self._connector_reads_context:
+            self.connector.set_context(like[:1], torch.ones(like[:1].shape[:2], dtype=torch.bool, device=like.device))
+        return self.encode_images(self.encoder.dummy_pixels(like.device)).tokens.sum().to(like.dtype)
 
     def forward(self, batch: Batch, output_hidden_states: bool = False) -> MLLMOutput:
         embeds, visual = self.embed_inputs(batch.input_ids, batch.pixel_values, batch.num_image_tokens,
-                                           batch.crop_pixel_values, batch.crop_grids, _instruction(batch))
+                                           batch.crop_pixel_values, batch.crop_grids, _instruction(batch),
+                                           batch.image_sizes or None, batch.images_per_sample or None)
         out = self.llm.decode(embeds, batch.attention_mask, batch.position_ids, output_hidden_states=output_hidden_states)
         aux = dict(visual.aux_losses) if visual is not None else {}
         metrics = self._collect_llm_aux(aux)
+        for name, value in getattr(self.connector, "metrics", {}).items():  # e.g. MoVA's per-expert gate weights
+            metrics.update({f"{name}_e{i}": v for i, v in enumerate(value.unbind())} if value.dim() else {name: value})
         return MLLMOutput(hidden=out.last_hidden_state, head=self.llm.head, aux_losses=aux,
                           hidden_states=out.hidden_states if output_hidden_states else None, metrics=metrics)
 
@@ -319,6 +303,8 @@ class MLLM(nn.Module):
         crop_grids: list[tuple[int, int]] | None = None,
         instruction_ids: torch.Tensor | None = None,
         instruction_mask: torch.Tensor | None = None,
+        image_sizes: list[tuple[int, int]] | None = None,
+        images_per_sample: list[int] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Greedy (by default) generation with a KV cache; prompts must be left-padded. Returns ``[B, new]`` ids.
@@ -332,7 +318,7 @@ class MLLM(nn.Module):
         # Without instruction ids an instance-level gate reads the whole prompt.
         instruction = (instruction_ids, instruction_mask) if instruction_ids is not None else (None, attention_mask)
         embeds, _ = self.embed_inputs(input_ids, pixel_values, crop_pixel_values=crop_pixel_values, crop_grids=crop_grids,
-                                      instruction=instruction)
+                                      instruction=instruction, image_sizes=image_sizes, images_per_sample=images_per_sample)
         tok = self.llm.tokenizer
         eos = stop_token_ids or [tok.eos_token_id]
         kwargs.setdefault("do_sample", False)

@@ -30,7 +30,7 @@ def test_crop_transform_cuts_the_resized_image_row_major():
     for x in range(64):
         for y in range(64):
             image.putpixel((x, y), (10 * (x // 32) + 100 * (y // 32), 0, 0))  # a distinct value per quadrant
-    views = CropGridTransform(base, num_crops=4)(image)
+    views = CropGridTransform(base, tuple(crop_grids(4)))(image)
     assert views.grid == (2, 2) and views.crops.shape == (4, 3, 16, 16) and views.global_view.shape == (3, 16, 16)
     quadrant = (views.crops[:, 0, 4:12, 4:12] * 255).round().flatten(1)  # crop interiors, clear of resampling blur
     assert quadrant.min(1).values.tolist() == quadrant.max(1).values.tolist() == [0.0, 10.0, 100.0, 110.0]

@@ -89,3 +89,52 @@ def test_clip_convnext_xxl_at_1024_gives_eagle_s_32x32_grid_of_3072_channels():
         encoder = ENCODERS.build(resolve_component("encoders", "clip_convnext_xxl_1024"))
     assert (encoder.embed_dim, encoder.patch_size, encoder.grid, encoder.num_tokens) == (3072, 32, (32, 32), 1024)
     assert _params(encoder) > 800e6  # the XXL trunk: 843M parameters
+
+
+# -- encoder mixtures (specs/components.md §5) and AnyRes (§3.2) ------------------------------------------
+def _mixture_model(encoder, connector):
+    with torch.device("meta"):
+        return MLLM.build(resolve_model(encoder, connector, {**VICUNA_7B, "tokenizer": str(tiny_tokenizer())}))
+
+
+@pytest.mark.parametrize("size, tokens", [(384, 729), (224, 256)])
+def test_prismatic_fused_dinosiglip_has_2176_channels(size, tokens):
+    """DINOv2-L/14-reg4 + SigLIP-so400m/14 at the same resolution (§5.5), FusedMLPProjector."""
+    siglip = "timm_siglip_so400m_384" if size == 384 else "timm_siglip_so400m_224"
+    m = _mixture_model({"preset": "prismatic_dinosiglip_384", "members": {"dino": {"image_size": size}, "siglip": siglip}},
+                       "prismatic_fused_mlp")
+    assert m.encoder.feature_dims == [1024, 1152] and m.connector.fused_dim == 2176 and m.tokens_per_image() == tokens
+    assert [mem.selected_layer for mem in m.encoder.members.values()] == [23, 26]  # second-to-last blocks
+    fused = 2176 * 8704 + 8704 + 8704 * D + D + D * D + D
+    assert _params(m.connector) == fused
+
+
+def test_eagle_x2_gives_1024_tokens_of_the_summed_channels():
+    """CLIP-L/14 at 448 (32×32×1024) + CLIP-ConvNeXt-XXL at 1024 (32×32×3072), channels concatenated (§5.1)."""
+    m = _mixture_model({"preset": "eagle_x2", "members": {"clip": {**CLIP_L_336, "image_size": 448}}}, "eagle_channel_concat")
+    assert m.encoder.feature_grids == [(32, 32), (32, 32)] and m.encoder.feature_dims == [1024, 3072]
+    assert m.connector.fused_dim == 4096 and m.tokens_per_image() == 1024
+    assert _params(m.connector) == (4096 * D + D) + (D * D + D)
+
+
+def test_cambrian_sva_gives_576_tokens_from_its_four_towers():
+    """SigLIP/CLIP/DINOv2-g at 24×24 and ConvNeXt-XXL at 96×96 (§5.4): windows of 1 and 16 tokens."""
+    siglip = {"name": "hf_siglip", "select_layer": -2, "config": {"image_size": 384, "patch_size": 14, "hidden_size": 1152,
+              "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16}}
+    dino = {"name": "hf_dinov2", "select_layer": -1, "config": {"image_size": 378, "patch_size": 14, "hidden_size": 1536,
+            "num_hidden_layers": 40, "num_attention_heads": 24, "mlp_ratio": 4}}
+    m = _mixture_model({"preset": "cambrian_towers", "members": {"siglip": siglip, "clip": CLIP_L_336, "dino": dino}}, "sva")
+    assert m.encoder.feature_grids == [(24, 24), (24, 24), (24, 24), (96, 96)]
+    assert m.encoder.feature_dims == [1152, 1024, 1536, 768] and m.tokens_per_image() == 576
+    assert m.connector.window_sizes == [1, 1, 1, 16]
+
+
+def test_mova_pools_its_48x48_base_to_576_tokens():
+    m = _mixture_model({"preset": "mova_experts", "members": {
+        "clip": {**CLIP_L_336, "image_size": 672},
+        "dino": {"name": "hf_dinov2", "select_layer": -1, "image_size": 448, "config": {"image_size": 518, "patch_size": 14,
+                 "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "mlp_ratio": 4}},
+        "siglip": {"name": "hf_siglip", "select_layer": -2, "config": {"image_size": 384, "patch_size": 14, "hidden_size": 1152,
+                   "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16}}}}, "mova")
+    assert m.encoder.feature_grids == [(48, 48), (32, 32), (27, 27)] and m.tokens_per_image() == 576
+    assert len(m.connector.blocks) == 3 and m.connector.blocks[0].top_k == 2

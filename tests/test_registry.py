@@ -253,7 +253,7 @@ def test_unknown_option_names_key_and_suggests():
     msg = str(info.value)
     assert "connector 'mlp': unknown option 'detph'." in msg
     assert "Did you mean 'depth'?" in msg
-    assert "Valid options: depth, act, bias." in msg, "options mllm-kit supplies must not be listed as valid"
+    assert "Valid options: depth, act, bias, expand." in msg, "options mllm-kit supplies must not be listed as valid"
 
 
 def test_unknown_option_on_user_target_suggests():

@@ -162,13 +162,41 @@ def _check_earlier(spec: RecipeSpec, index: int, name: str, where: str, hint: st
 
 
 def _resolve_start(spec: RecipeSpec, index: int) -> tuple[ModelSpec | None, str | None]:
-    """A stage's fresh model (its ``model`` over the recipe's) or the earlier stage it continues from."""
+    """A stage's fresh model (its ``model`` over the recipe's; a ``pre_align`` member with its own projector) or the
+    earlier stage it continues from."""
     s, where = spec.stages[index], f"stages[{index}]"
     if s.model is not None and s.init_from is not None:
         raise ConfigError(f"{where}: names both model (a fresh start) and init_from={s.init_from!r}; keep one.")
     if s.init_from is not None:
         _check_earlier(spec, index, s.init_from, f"{where}.init_from")
+    members = _mixture_members(spec)
+    for name, source in s.init_members.items():
+        _check_member(members, name, f"{where}.init_members.{name}")
+        _check_earlier(spec, index, source, f"{where}.init_members.{name}")
+        source_spec = spec.stages[[t.name for t in spec.stages].index(source)]
+        if source_spec.pre_align != name:
+            raise ConfigError(f"{where}.init_members.{name}: stage {source!r} does not pre-align member {name!r} "
+                              f"(its pre_align is {source_spec.pre_align!r}).")
+    if s.pre_align is not None:
+        if s.init_from is not None:
+            raise ConfigError(f"{where}: a pre_align stage builds its own model (member + projector); remove init_from.")
+        _check_member(members, s.pre_align, f"{where}.pre_align")
+        over = {"connector": "mlp2x_gelu", **(s.model or {}), "encoder": members[s.pre_align]}
+        return _over_model(spec.model, over, f"{where}.model"), None
     return (_over_model(spec.model, s.model, f"{where}.model") if s.model is not None else None), s.init_from
+
+
+def _mixture_members(spec: RecipeSpec) -> dict[str, Any]:
+    encoder = spec.model.encoder
+    return dict(encoder.get("members") or {}) if isinstance(encoder, dict) and encoder.get("name") == "mixture" else {}
+
+
+def _check_member(members: dict[str, Any], name: str, where: str) -> None:
+    if not members:
+        raise ConfigError(f"{where}: names encoder member {name!r}, but the recipe's model.encoder is not a mixture.")
+    if name not in members:
+        raise ConfigError(f"{where}: the encoder mixture has no member {name!r}.{did_you_mean(name, list(members))} "
+                          f"Members: {', '.join(members)}.")
 
 
 def _resolve_teacher(spec: RecipeSpec, index: int) -> TeacherSpec | None:
@@ -206,7 +234,8 @@ def _resolve_stage(spec: RecipeSpec, index: int) -> Stage:
     objective = resolve_named(OBJECTIVES, s.objective, f"{where}.objective")
     model, init_from = _resolve_start(spec, index)
     teacher = _resolve_teacher(spec, index)
-    return Stage(s.name, s.trainable, transforms, objective, s.aux_loss_coef, data, optim, trainer, model, init_from, teacher)
+    return Stage(s.name, s.trainable, transforms, objective, s.aux_loss_coef, data, optim, trainer, model, init_from, teacher,
+                 s.pre_align, dict(s.init_members))
 
 
 def _merge(base: Any, override: dict[str, Any], schema: type, path: str) -> Any:

@@ -175,6 +175,8 @@ class StageSpec:
     model: dict[str, Any] | None = None
     init_from: str | None = None
     teacher: TeacherSpec | None = None
+    pre_align: str | None = None
+    init_members: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -197,7 +199,11 @@ class RecipeSpec:
 class Stage:
     """A stage with recipe-level defaults and its own overrides merged; ``transforms`` and ``objective`` are full specs
     (``{name: ..., **options}``). ``model``: the full specs of a fresh start (``None``: the stage continues from
-    ``init_from``, the name of an earlier stage, or from the previous stage); ``teacher.model`` is resolved likewise."""
+    ``init_from``, the name of an earlier stage, or from the previous stage); ``teacher.model`` is resolved likewise.
+
+    ``pre_align``: a member of the recipe's encoder mixture that this stage trains alone, with its own projector (the
+    stage's ``model.connector``, default ``mlp2x_gelu``) and the recipe's LLM — Eagle's pre-alignment (specs §5.1);
+    ``init_members``: member → earlier stage whose final encoder replaces that member's weights when this stage starts."""
 
     name: str
     trainable: list[str]
@@ -210,6 +216,8 @@ class Stage:
     model: ModelSpec | None = None
     init_from: str | None = None
     teacher: TeacherSpec | None = None
+    pre_align: str | None = None
+    init_members: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from mllm_kit.registry import CONNECTORS, ENCODERS, LLMS, NAME_KEY, TARGET_KEY, 
 
 COMPONENTS: dict[str, Registry[Any]] = {"encoders": ENCODERS, "connectors": CONNECTORS, "llms": LLMS}
 # Arguments mllm-kit passes to a component's constructor itself (a spec may not set them).
-SUPPLIED: dict[str, tuple[str, ...]] = {"encoders": (), "connectors": ("in_dims", "out_dim", "grid"), "llms": ()}
+SUPPLIED: dict[str, tuple[str, ...]] = {"encoders": (), "connectors": ("in_dims", "out_dim", "grid", "grids", "members", "image_size", "depths"), "llms": ()}
 
 
 def expand(group: str, spec: Any, path: str) -> dict[str, Any]:
@@ -49,7 +49,26 @@ def expand(group: str, spec: Any, path: str) -> dict[str, Any]:
         presets = list_presets(group)
         raise ConfigError(f"{path}.{PRESET_KEY}: unknown {group[:-1]} preset {preset!r}.{did_you_mean(str(preset), presets)} "
                           f"Available: {', '.join(presets)}.")
-    return {**expand(group, str(preset), f"{path}.{PRESET_KEY}"), **spec}
+    base = expand(group, str(preset), f"{path}.{PRESET_KEY}")
+    return {**base, **spec, **{key: _merge_members(base[key], spec[key]) for key in MERGED_MAPS
+                               if isinstance(base.get(key), Mapping) and isinstance(spec.get(key), Mapping)}}
+
+
+# Options holding named component specs (a mixture's members): an override of a preset's entry merges into it, so
+# ``{preset: eagle_x2, members: {clip: {image_size: 336}}}`` changes one member and keeps the others.
+MERGED_MAPS = ("members",)
+
+
+def _merge_members(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for name, spec in override.items():
+        partial = isinstance(spec, Mapping) and not {PRESET_KEY, NAME_KEY, TARGET_KEY} & set(spec)
+        if partial and name in out:
+            prior = out[name]
+            out[name] = {**({PRESET_KEY: prior} if isinstance(prior, str) else dict(prior)), **spec}
+        else:
+            out[name] = spec
+    return out
 
 
 def component_class(registry: Registry[Any], spec: Mapping[str, Any] | str, path: str) -> tuple[Any, dict[str, Any]]:
@@ -78,6 +97,13 @@ def resolve_component(group: str, spec: Any, path: str | None = None) -> dict[st
         value = full.get(option, params[option].default if option in params else inspect.Parameter.empty)
         if value is not inspect.Parameter.empty and value is not None:
             full[option] = resolve_component(nested, value, f"{path}.{option}")
+    # Options that map names to component specs (a mixture's members).
+    for option, nested in getattr(cls, "nested_spec_maps", {}).items():
+        value = full.get(option)
+        if isinstance(value, Mapping):
+            full[option] = {name: resolve_component(nested, spec, f"{path}.{option}.{name}") for name, spec in value.items()}
+        elif value is not None:
+            raise ConfigError(f"{path}.{option}: expected a mapping of names to {nested[:-1]} specs, got {value!r}.")
     return full
 
 

@@ -28,6 +28,13 @@ _LLM_SOURCE_KEYS = {"path", "config", "tokenizer", "dtype", "attn_implementation
 
 
 def tiny_encoder_like(spec: dict[str, Any]) -> dict[str, Any]:
+    """The tiny random encoder of ``spec``'s family (a mixture: each member's); layer choices are kept."""
+    if spec.get("name") == "mixture":
+        out = {**spec, "members": {name: tiny_encoder_like(m) for name, m in spec["members"].items()}}
+        if spec.get("resample"):  # keep the grids' ratios (SVA windows) at a tiny scale: the smallest side becomes 2
+            smallest = min(min(g) for g in spec["resample"].values())
+            out["resample"] = {name: [max(1, round(2 * v / smallest)) for v in g] for name, g in spec["resample"].items()}
+        return out
     family = _ENCODER_FAMILY.get(spec.get("name"), "clip")
     return {**{k: v for k, v in spec.items() if k not in _ENCODER_SOURCE_KEYS}, **tiny_encoder_spec(family)}
 
@@ -97,7 +104,10 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
                                       checkpoint_every_n_steps=max(1, smoke.steps), log_every_n_steps=1,
                                       val_every_n_steps=None if stage.trainer.val_every_n_steps is None else smoke.steps)
         own = stage.model
-        if own is not None:  # a fresh start: the student again, or a teacher of its own families (larger)
+        if stage.pre_align is not None:  # the tiny mixture's member, with its own (shrunk) projector
+            connector = resolve_component("connectors", tiny_connector_like(own.connector, smoke.connector), "smoke.connector")
+            own = ModelSpec(model.encoder["members"][stage.pre_align], connector, model.llm)
+        elif own is not None:  # a fresh start: the student again, or a teacher of its own families (larger)
             own = model if own.llm == recipe.model.llm else tiny_model_like(own, smoke, teacher=True)
         stages.append(dataclasses.replace(stage, data=data, optim=optim, trainer=trainer, model=own,
                                           teacher=_tiny_teacher(stage.teacher, recipe.model, smoke)))

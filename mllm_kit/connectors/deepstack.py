@@ -150,14 +150,15 @@ class DeepStackViTConnector(Connector):
         return self.inner.num_tokens(input_tokens, grid)
 
     def encode_views(self, encoder: VisionEncoder, pixel_values: torch.Tensor, crop_pixel_values: torch.Tensor,
-                     crop_grids: list[tuple[int, int]]) -> VisualFeatures:
+                     crop_grids: list[tuple[int, int]]) -> list[VisualFeatures]:
         self._attach(encoder)
         self._pass = {"n_img": pixel_values.shape[0], "grids": crop_grids, "prefix": encoder.num_prefix_tokens, "stacks": None}
         try:
             features = super().encode_views(encoder, pixel_values, crop_pixel_values, crop_grids)
         finally:
             self._pass = None
-        features.crops = None  # the crops' information is already in the global features
+        for f in features:
+            f.crops = None  # the crops' information is already in the global features
         return features
 
     def _attach(self, encoder: VisionEncoder) -> None:

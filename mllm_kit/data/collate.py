@@ -74,6 +74,7 @@ class PadCollator:
             num_loss_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
             crop_pixel_values=torch.cat(crops) if crops else None,
             crop_grids=[g for s in samples for g in s.crop_grids],
+            image_sizes=[size for s in samples for size in s.image_sizes],
             instruction_ids=instruction_ids,
             instruction_mask=instruction_mask,
         )

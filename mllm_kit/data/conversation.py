@@ -24,7 +24,7 @@ the chunk's encoding (slower: one extra call per reply boundary).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +40,7 @@ TRUNCATIONS = ("trim", "drop")
 Range = tuple[int, int]
 Key = tuple[str, tuple[Range, ...]]  # a text chunk and the supervised character ranges in it
 Piece = tuple[list[int], tuple[Range, ...]]  # its ids and the [first, last) token runs that are supervised
+NOMINAL_SIZE = (1024, 1024)  # (width, height) whose count estimates stand for a dynamic one
 CACHE_ENTRIES = 4096  # chunks kept per encoder ...
 CACHE_CHARS = 512  # ... of at most this many characters
 
@@ -87,16 +88,22 @@ def render_segments(segments: Sequence[Segment]) -> tuple[str, list[Range]]:
 
 
 class ConversationEncoder:
-    """Encodes turns with a template; each ``<image>`` becomes ``tokens_per_image`` image-token ids."""
+    """Encodes turns with a template; each ``<image>`` becomes ``tokens_per_image`` image-token ids.
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: Template, image_token_id: int, tokens_per_image: int,
-                 system_prompt: str | None = None) -> None:
-        if tokens_per_image <= 0:
+    ``tokens_per_image`` is N, or a function of an image's ``(width, height)`` when the count depends on the size
+    (AnyRes: :meth:`MLLM.tokens_per_image`); then every encoding call takes the images' sizes.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: Template, image_token_id: int,
+                 tokens_per_image: int | Callable[[tuple[int, int]], int], system_prompt: str | None = None) -> None:
+        self.count = tokens_per_image if callable(tokens_per_image) else None
+        if self.count is None and tokens_per_image <= 0:
             raise ConfigError(f"tokens_per_image must be positive, got {tokens_per_image}.")
         self.tokenizer = tokenizer
         self.template = template
         self.image_token_id = int(image_token_id)
-        self.tokens_per_image = int(tokens_per_image)
+        # A dynamic count's nominal N (a square image): what estimates (length grouping, view comparisons) read.
+        self.tokens_per_image = int(tokens_per_image) if self.count is None else int(self.count(NOMINAL_SIZE))
         self.system_prompt = system_prompt
         # Fast (tokenizers-backed) tokenizers give character offsets; others take the prefix-encoding route.
         self.uses_offsets = bool(getattr(tokenizer, "is_fast", False))
@@ -132,11 +139,28 @@ class ConversationEncoder:
         out = self.tokenizer(chunks, add_special_tokens=False, return_offsets_mapping=offsets, return_attention_mask=False)
         return [list(ids) for ids in out["input_ids"]], ([list(o) for o in out["offset_mapping"]] if offsets else None)
 
-    def encode_text(self, text: str, supervised: Sequence[Range] = (), bos: bool | None = None) -> Encoded:
+    @property
+    def dynamic(self) -> bool:
+        """Whether each image's token count depends on its size."""
+        return self.count is not None
+
+    def image_tokens(self, image_sizes: Sequence[tuple[int, int]] | None, n: int) -> list[int]:
+        """The token count of each of ``n`` images (their ``(width, height)`` are needed when the count is dynamic)."""
+        if self.count is None or n == 0:
+            return [self.tokens_per_image] * n
+        if image_sizes is None or len(image_sizes) < n:
+            raise ConfigError(f"the model's visual token count depends on each image's size, but {n} <image> placeholders "
+                              f"came with {0 if image_sizes is None else len(image_sizes)} image sizes.")
+        return [int(self.count(tuple(size))) for size in image_sizes[:n]]
+
+    def encode_text(self, text: str, supervised: Sequence[Range] = (), bos: bool | None = None,
+                    image_sizes: Sequence[tuple[int, int]] | None = None) -> Encoded:
         """``text`` split at ``<image>``, each chunk encoded whole; tokens overlapping a ``supervised`` character
-        range ``[start, end)`` get labels. ``bos`` (default: the template's ``add_bos``) prepends the BOS id."""
+        range ``[start, end)`` get labels. ``bos`` (default: the template's ``add_bos``) prepends the BOS id.
+        ``image_sizes``: each image's ``(width, height)``, for a dynamic token count."""
         bos = self.template.add_bos if bos is None else bos
         chunks = text.split(IMAGE_PLACEHOLDER)
+        counts = self.image_tokens(image_sizes, len(chunks) - 1)
         keys: list[Key] = []
         start = 0
         for chunk in chunks:  # each chunk with the supervised ranges inside it, relative to the chunk
@@ -156,8 +180,6 @@ class ConversationEncoder:
         if bos and self.tokenizer.bos_token_id is not None:
             ids.append(self.tokenizer.bos_token_id)
             labels.append(IGNORE_INDEX)
-        image_ids = [self.image_token_id] * self.tokens_per_image
-        image_labels = [IGNORE_INDEX] * self.tokens_per_image
         for k, key in enumerate(keys):
             if key[0]:
                 piece_ids, runs = cache.get(key) or found[key]
@@ -167,9 +189,9 @@ class ConversationEncoder:
                 for first, last in runs:
                     labels[at + first : at + last] = piece_ids[first:last]
             if k < len(keys) - 1:
-                spans.append(ImageSpan(len(ids), self.tokens_per_image))
-                ids += image_ids
-                labels += image_labels
+                spans.append(ImageSpan(len(ids), counts[k]))
+                ids += [self.image_token_id] * counts[k]
+                labels += [IGNORE_INDEX] * counts[k]
         if len(cache) < CACHE_ENTRIES:
             cache.update((key, value) for key, value in found.items() if len(key[0]) <= CACHE_CHARS)
         return Encoded(ids, labels, spans)
@@ -207,10 +229,10 @@ class ConversationEncoder:
             mask[first:last] = True
         return mask
 
-    def encode_segments(self, segments: Sequence[Segment]) -> Encoded:
+    def encode_segments(self, segments: Sequence[Segment], image_sizes: Sequence[tuple[int, int]] | None = None) -> Encoded:
         """Rendered ``segments`` through :meth:`encode_text`, supervised where the segments are."""
         text, supervised = render_segments(segments)
-        return self.encode_text(text, supervised)
+        return self.encode_text(text, supervised, image_sizes=image_sizes)
 
     # -- conversations -------------------------------------------------------------------------------
     def _with_system(self, turns: Sequence[Turn]) -> Sequence[Turn]:
@@ -218,15 +240,15 @@ class ConversationEncoder:
             return turns
         return [Turn("system", self.system_prompt), *turns]
 
-    def encode(self, turns: Sequence[Turn]) -> Encoded:
+    def encode(self, turns: Sequence[Turn], image_sizes: Sequence[tuple[int, int]] | None = None) -> Encoded:
         """Training encoding: labels on assistant replies (+ stop token) only."""
-        return self.encode_segments(self.template.render(self._with_system(turns), self.tokenizer))
+        return self.encode_segments(self.template.render(self._with_system(turns), self.tokenizer), image_sizes)
 
-    def encode_prompt(self, turns: Sequence[Turn]) -> Encoded:
+    def encode_prompt(self, turns: Sequence[Turn], image_sizes: Sequence[tuple[int, int]] | None = None) -> Encoded:
         """Inference encoding of turns ending with a user turn, up to the assistant header (no labels). Its
         ids are a prefix of the training ids of any conversation that continues these turns, except when the
         reply's first token straddles the header (see the module docstring)."""
-        return self.encode_segments(self.template.render_prompt(self._with_system(turns), self.tokenizer))
+        return self.encode_segments(self.template.render_prompt(self._with_system(turns), self.tokenizer), image_sizes)
 
     def encode_instruction(self, turns: Sequence[Turn]) -> list[int]:
         """The first user turn's text alone (no template, no ``<image>``, no BOS), as an instance-level gate reads it

@@ -13,7 +13,7 @@ from mllm_kit.data.formats import Record, load_records
 from mllm_kit.data.templates import Turn
 from mllm_kit.data.images import load_image
 from mllm_kit.data.conversation import ConversationEncoder, Truncation, truncate
-from mllm_kit.data.transforms import CropGridTransform, ImageTransform, ImageViews
+from mllm_kit.data.transforms import BaseTransform, CropGridTransform, ImageViews
 from mllm_kit.errors import DataError
 from mllm_kit.log import get_logger
 
@@ -27,7 +27,8 @@ class Sample:
     """One encoded sample. ``pixel_values``: ``[k, 3, H, W]`` for the k images it kept, or ``None``.
 
     Connectors that read a high-resolution view also get ``crop_pixel_values`` ``[Σ crops, 3, H, W]`` and
-    each image's crop ``(rows, cols)`` in ``crop_grids``. Models with an instance-level gate (LoRA-MoE) also get
+    each image's crop ``(rows, cols)`` in ``crop_grids``; ``image_sizes`` holds each image's original ``(width, height)``.
+    Models with an instance-level gate (LoRA-MoE) also get
     ``instruction_ids``: the first user turn's text tokens. ``teacher``: the same sample as a distillation teacher
     sees it (its own template and image-token count), when that differs. ``rejected``: a preference sample's
     rejected reply (this sample holds the chosen one).
@@ -41,6 +42,7 @@ class Sample:
     target: str | None = None
     crop_pixel_values: torch.Tensor | None = None
     crop_grids: list[tuple[int, int]] = field(default_factory=list)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
     instruction_ids: torch.Tensor | None = None
     teacher: Sample | None = None
     rejected: Sample | None = None
@@ -51,7 +53,7 @@ class View:
     """How one model reads samples: its conversation encoder (template, tokenizer, image-token count) and image transform."""
 
     encoder: ConversationEncoder
-    image_transform: ImageTransform | CropGridTransform
+    image_transform: BaseTransform | CropGridTransform
     instruction: bool = False  # the model reads each sample's instruction (adds Sample.instruction_ids)
 
 
@@ -70,7 +72,7 @@ class LlavaDataset(Dataset[Sample]):
         path: str | Path,
         image_root: str | Path | None,
         encoder: ConversationEncoder,
-        image_transform: ImageTransform | CropGridTransform,
+        image_transform: BaseTransform | CropGridTransform,
         max_length: int = 2048,
         truncation: Truncation = "trim",
         prompt: bool = False,
@@ -98,7 +100,7 @@ class LlavaDataset(Dataset[Sample]):
         return self.view.encoder
 
     @property
-    def image_transform(self) -> ImageTransform | CropGridTransform:
+    def image_transform(self) -> BaseTransform | CropGridTransform:
         return self.view.image_transform
 
     def __len__(self) -> int:
@@ -155,7 +157,10 @@ class LlavaDataset(Dataset[Sample]):
         sample = self._encode_view(record, turns, self.view, self.max_length, images, log_events=True)
         if self.teacher is None or isinstance(sample, int):
             return sample
-        extra = max(0, self.teacher.encoder.tokens_per_image - self.view.encoder.tokens_per_image) * len(record.images)
+        sizes = [images[p].size for p in record.images if p in images]
+        extra = sum(max(0, a - b) for a, b in zip(self.teacher.encoder.image_tokens(sizes, len(sizes)),
+                                                    self.view.encoder.image_tokens(sizes, len(sizes))))
+        extra += max(0, self.teacher.encoder.tokens_per_image - self.view.encoder.tokens_per_image) * (len(record.images) - len(sizes))
         teacher = self._encode_view(record, turns, self.teacher, self.max_length + extra, images, log_events=False)
         mine = sample.labels[sample.labels != IGNORE_INDEX]
         theirs = None if isinstance(teacher, int) else teacher.labels[teacher.labels != IGNORE_INDEX]
@@ -169,7 +174,13 @@ class LlavaDataset(Dataset[Sample]):
 
     def _encode_view(self, record: Record, turns: tuple[Turn, ...], view: View, max_length: int, images: dict[str, object],
                      log_events: bool) -> Sample | int:
-        encoded = view.encoder.encode_prompt(turns) if self.prompt else view.encoder.encode(turns)
+        sizes = None
+        if view.encoder.dynamic:  # each image's token count follows from its size: decode the images first
+            for p in record.images:
+                if p not in images:
+                    images[p] = load_image(self.image_root / p, record.ref)
+            sizes = [images[p].size for p in record.images]
+        encoded = view.encoder.encode_prompt(turns, sizes) if self.prompt else view.encoder.encode(turns, sizes)
         fitted = truncate(encoded, max_length, self.truncation)
         if fitted is None:
             if log_events:
@@ -186,7 +197,7 @@ class LlavaDataset(Dataset[Sample]):
                 if p not in images:
                     images[p] = load_image(self.image_root / p, record.ref)
             views = [view.image_transform(images[p]) for p in kept]
-            if isinstance(views[0], ImageViews):  # a connector that also reads a high-resolution view (DeepStack)
+            if isinstance(views[0], ImageViews):  # a connector that also reads a high-resolution view (DeepStack, AnyRes)
                 pixel_values = torch.stack([v.global_view for v in views])
                 crops, grids = torch.cat([v.crops for v in views]), [v.grid for v in views]
             else:
@@ -199,6 +210,7 @@ class LlavaDataset(Dataset[Sample]):
             id=record.id if record.id is not None else str(record.index),
             crop_pixel_values=crops,
             crop_grids=grids,
+            image_sizes=[images[p].size for p in kept],
             instruction_ids=torch.tensor(view.encoder.encode_instruction(turns), dtype=torch.long) if view.instruction else None,
         )
 

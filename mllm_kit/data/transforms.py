@@ -36,6 +36,7 @@ class ImageTransform:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     mode: ResizeMode = "center_crop"
+    grayscale: bool = False  # luminance in all three channels (a colour-blind view)
 
     def __post_init__(self) -> None:
         if self.mode not in RESIZE_MODES:
@@ -43,8 +44,11 @@ class ImageTransform:
         if self.size <= 0:
             raise ConfigError(f"image size must be positive, got {self.size}.")
 
+    def with_mode(self, mode: ResizeMode) -> ImageTransform:
+        return ImageTransform(self.size, self.mean, self.std, mode, self.grayscale)
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
+        image = image.convert("L").convert("RGB") if self.grayscale else image.convert("RGB")
         if self.mode == "pad":
             image = _pad_to_square(image, tuple(int(round(m * 255)) for m in self.mean))
         if self.mode == "center_crop":
@@ -83,8 +87,32 @@ def _center_crop(image: Image.Image, size: int) -> Image.Image:
 
 
 @dataclass(frozen=True)
+class MixtureTransform:
+    """One decoded image transformed for every member of an encoder mixture (each its own size, mode and
+    normalisation), flattened and concatenated in member order: ``[Σ 3·Hᵢ·Wᵢ]`` — one tensor per image, so batches,
+    crops and device copies treat a mixture's pixels like a single encoder's; the mixture splits them back (views)."""
+
+    transforms: tuple[ImageTransform, ...]
+
+    @property
+    def size(self) -> int:
+        """The first member's size: the crop size of a high-resolution view."""
+        return self.transforms[0].size
+
+    def with_mode(self, mode: ResizeMode) -> MixtureTransform:
+        return MixtureTransform(tuple(t.with_mode(mode) for t in self.transforms))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        return torch.cat([t(image).flatten() for t in self.transforms])
+
+
+BaseTransform = ImageTransform | MixtureTransform
+
+
+@dataclass(frozen=True)
 class ImageViews:
-    """A global view ``[3, S, S]`` plus a high-resolution view cut into ``grid = (rows, cols)`` crops ``[rows·cols, 3, S, S]``."""
+    """A global view plus a high-resolution view cut into ``grid = (rows, cols)`` crops ``[rows·cols, ...]``."""
 
     global_view: torch.Tensor
     crops: torch.Tensor
@@ -96,12 +124,26 @@ def crop_grids(num_crops: int) -> list[tuple[int, int]]:
     return [(r, c) for r in range(1, num_crops + 1) for c in range(1, num_crops + 1) if r * c <= num_crops and r * c > 1]
 
 
+def pinpoint_grids(pinpoints: list[list[int]] | list[tuple[int, int]], size: int, where: str = "pinpoints") -> list[tuple[int, int]]:
+    """LLaVA-NeXT's ``image_grid_pinpoints`` (``[height, width]`` in pixels, multiples of the crop ``size``) as
+    (rows, cols) grids of crops (specs/components.md §3.2)."""
+    grids = []
+    for point in pinpoints:
+        if len(point) != 2 or any(int(v) <= 0 or int(v) % size for v in point):
+            raise ConfigError(f"{where}: {list(point)} is not a [height, width] pair of positive multiples of the crop size {size}.")
+        grids.append((int(point[0]) // size, int(point[1]) // size))
+    if not grids:
+        raise ConfigError(f"{where}: needs at least one [height, width] resolution.")
+    return grids
+
+
 def best_grid(width: int, height: int, size: int, grids: list[tuple[int, int]]) -> tuple[int, int]:
-    """LLaVA-NeXT's best-fit resolution: keep the most image pixels after an aspect-preserving resize, then waste the fewest."""
-    def score(grid: tuple[int, int]) -> tuple[float, float]:
+    """LLaVA-NeXT's ``select_best_resolution``: the grid that keeps the most image pixels after an aspect-preserving
+    (integer-truncated) downscale, then wastes the fewest — shared by DeepStack's crops and AnyRes."""
+    def score(grid: tuple[int, int]) -> tuple[int, int]:
         w, h = grid[1] * size, grid[0] * size
         scale = min(w / width, h / height)
-        effective = min(width * scale * height * scale, width * height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
         return (effective, -(w * h - effective))
 
     return max(grids, key=score)
@@ -109,20 +151,26 @@ def best_grid(width: int, height: int, size: int, grids: list[tuple[int, int]]) 
 
 @dataclass(frozen=True)
 class CropGridTransform:
-    """``base`` for the global view, plus a high-resolution view for DeepStack (specs/components.md §3.1).
+    """``base`` for the global view, plus a high-resolution view cut into crops (DeepStack §3.1, LLaVA-NeXT AnyRes §3.2).
 
-    The image is resized (aspect kept) into the best-fitting grid of ``base.size`` crops among
-    :func:`crop_grids` (``num_crops``), padded with black as LLaVA-NeXT's anyres does, and cut row-major
-    into crops that are normalised like the global view.
+    The image is resized (aspect kept) into the best-fitting ``grids`` entry (:func:`best_grid`) of ``base.size``
+    crops, padded with black as LLaVA-NeXT's ``resize_and_pad_image`` does, and cut row-major into crops that
+    ``base`` transforms like the global view.
     """
 
-    base: ImageTransform
-    num_crops: int
+    base: BaseTransform
+    grids: tuple[tuple[int, int], ...]
+
+    def with_mode(self, mode: ResizeMode) -> CropGridTransform:
+        return CropGridTransform(self.base.with_mode(mode), self.grids)
+
+    def grid_for(self, width: int, height: int) -> tuple[int, int]:
+        return best_grid(width, height, self.base.size, list(self.grids))
 
     def __call__(self, image: Image.Image) -> ImageViews:
         image = image.convert("RGB")
         size = self.base.size
-        rows, cols = best_grid(image.width, image.height, size, crop_grids(self.num_crops))
+        rows, cols = self.grid_for(image.width, image.height)
         target_w, target_h = cols * size, rows * size
         scale = min(target_w / image.width, target_h / image.height)
         new_w, new_h = min(target_w, max(1, round(image.width * scale))), min(target_h, max(1, round(image.height * scale)))

@@ -24,7 +24,8 @@ class VisualFeatures:
     no post-norm), already stripped of prefix tokens according to ``select_feature`` (and of the first patch
     with ``drop_first_patch``). ``grid`` is the encoder's :attr:`VisionEncoder.grid`.
     ``selected_layer`` (non-negative) is the encoder's default feature layer. ``crops`` holds the features
-    of the high-resolution crops (``crop_grids``: one ``(rows, cols)`` per image) for connectors that read them.
+    of the high-resolution crops (``crop_grids``: one ``(rows, cols)`` per image) for connectors that read them;
+    ``image_sizes``: each image's original ``(width, height)``, when the batch carries them.
     """
 
     hidden_states: tuple[torch.Tensor, ...]
@@ -32,6 +33,7 @@ class VisualFeatures:
     selected_layer: int
     crops: VisualFeatures | None = None
     crop_grids: list[tuple[int, int]] | None = None
+    image_sizes: list[tuple[int, int]] | None = None
 
     def split(self, n: int) -> tuple[VisualFeatures, VisualFeatures]:
         """The first ``n`` images and the rest, as two feature sets (views, no copies)."""
@@ -136,6 +138,35 @@ class VisionEncoder(nn.Module):
     def backbone_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """All ``num_layers + 1`` hidden states ``[n_img, P + N, C]`` including prefix tokens."""
         raise NotImplementedError
+
+    # -- what a connector reads: one feature set per member (a single encoder is a mixture of one) -----------
+    @property
+    def feature_dims(self) -> list[int]:
+        """Channel width of each feature set :meth:`features` returns (``in_dims`` of the connector)."""
+        return [self.embed_dim]
+
+    @property
+    def feature_grids(self) -> list[tuple[int, int]]:
+        """Token grid of each feature set :meth:`features` returns."""
+        return [self.grid]
+
+    @property
+    def feature_depths(self) -> list[int]:
+        """Block count of each feature set's encoder (its hidden states are 0..depth)."""
+        return [self.num_layers]
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Name of each feature set :meth:`features` returns (a mixture's member names)."""
+        return ["encoder"]
+
+    def features(self, pixel_values: torch.Tensor) -> list[VisualFeatures]:
+        """``pixel_values`` → one :class:`VisualFeatures` per feature set (here one; a mixture has one per member)."""
+        return [self(pixel_values)]
+
+    def dummy_pixels(self, device: torch.device | str) -> torch.Tensor:
+        """One all-zero image of the input shape :meth:`features` takes."""
+        return torch.zeros(1, 3, self.image_size, self.image_size, device=device, dtype=self.dtype)
 
     def forward(self, pixel_values: torch.Tensor) -> VisualFeatures:
         """``pixel_values [n_img, 3, H, W]`` → :class:`VisualFeatures`."""

@@ -61,6 +61,7 @@ class HFVisionEncoder(VisionEncoder):
         dtype: str = "float32",
         attn_implementation: str | None = None,
         load_weights: bool = True,
+        grayscale: bool = False,
     ) -> None:
         super().__init__(select_layer=select_layer, select_feature=select_feature, frozen=frozen,
                          drop_first_patch=drop_first_patch)
@@ -92,6 +93,7 @@ class HFVisionEncoder(VisionEncoder):
             mean=tuple(mean or file_mean or self.default_mean),
             std=tuple(std or file_std or self.default_std),
             mode=image_mode or self.default_mode,
+            grayscale=bool(grayscale),
         )
         self.finish_init()
 

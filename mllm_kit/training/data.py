@@ -64,7 +64,7 @@ def resolve_source(spec: DataSpec, data_root: Path, key: str, where: str = "data
 
 
 def conversation_encoder(model: MLLM, spec: DataSpec, template: str | None = None) -> ConversationEncoder:
-    return ConversationEncoder(model.tokenizer, get_template(template or spec.template), model.image_token_id, model.tokens_per_image(),
+    return ConversationEncoder(model.tokenizer, get_template(template or spec.template), model.image_token_id, model.image_token_count(),
                                system_prompt=spec.system_prompt)
 
 
@@ -77,7 +77,8 @@ def teacher_view(student: MLLM, teacher: MLLM, spec: DataSpec, template: str | N
     """The teacher's own view of the samples, or ``None`` when it reads them exactly as the student does (then the
     teacher runs on the student's batch and the data is encoded once)."""
     mine, theirs = model_view(student, spec), model_view(teacher, spec, template)
-    same = ((template or spec.template) == spec.template and theirs.encoder.tokens_per_image == mine.encoder.tokens_per_image
+    same = ((template or spec.template) == spec.template and not (mine.encoder.dynamic or theirs.encoder.dynamic)
+            and theirs.encoder.tokens_per_image == mine.encoder.tokens_per_image
             and teacher.image_token_id == student.image_token_id and theirs.image_transform == mine.image_transform
             and theirs.instruction == mine.instruction)
     return None if same else theirs

@@ -80,7 +80,8 @@ def generate_answers(model: MLLM, batch: Batch, max_new_tokens: int, stop_token_
     """Greedy answers to left-padded prompts, decoded without special tokens."""
     new = model.generate(batch.input_ids, batch.attention_mask, batch.pixel_values, max_new_tokens=max_new_tokens,
                          stop_token_ids=stop_token_ids, crop_pixel_values=batch.crop_pixel_values, crop_grids=batch.crop_grids,
-                         instruction_ids=batch.instruction_ids, instruction_mask=batch.instruction_mask)
+                         instruction_ids=batch.instruction_ids, instruction_mask=batch.instruction_mask,
+                         image_sizes=batch.image_sizes or None, images_per_sample=batch.images_per_sample or None)
     return model.tokenizer.batch_decode(new, skip_special_tokens=True)
 
 

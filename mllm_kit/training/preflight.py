@@ -44,6 +44,10 @@ def check_static(recipe: Recipe, indices: list[int], state: RunState | None = No
         stage.optim.accumulation(world_size(stage.trainer), f"{where}.optim")
         if stage.teacher is not None:
             check_teacher_source(stage.teacher, f"{where}.teacher", state, [recipe.stages[j].name for j in indices[:k]])
+        for member, name in stage.init_members.items():
+            if not state.done(name) and name not in [recipe.stages[j].name for j in indices[:k]]:
+                raise ConfigError(f"{where}.init_members.{member}: stage {name!r} has not finished in this run directory and "
+                                  f"does not run before this stage; include it in --stages.")
 
 
 def skeleton(model: MLLM) -> MLLM:

@@ -42,14 +42,18 @@ def stage_model(recipe: Recipe, stage_index: int, state: RunState) -> MLLM:
     stage = recipe.stages[stage_index]
     L.seed_everything(stage.trainer.seed, workers=True, verbose=False)
     source = start_of(recipe, stage_index)
-    if source is None:
-        return build_recipe_model(recipe, stage.model)
-    if not state.done(source):
-        raise ConfigError(
-            f"stage {stage.name!r} starts from stage {source!r}, which has not finished in this "
-            f"run directory; run it first (include it in --stages)."
-        )
-    return MLLM.from_pretrained(state.final_dir(source))
+    for name in [source, *stage.init_members.values()]:
+        if name is not None and not state.done(name):
+            raise ConfigError(
+                f"stage {stage.name!r} starts from stage {name!r}, which has not finished in this "
+                f"run directory; run it first (include it in --stages)."
+            )
+    model = build_recipe_model(recipe, stage.model) if source is None else MLLM.from_pretrained(state.final_dir(source))
+    for member, name in stage.init_members.items():  # a pre-aligned member's trained weights (Eagle, specs §5.1)
+        trained = MLLM.from_pretrained(state.final_dir(name)).encoder
+        model.encoder.members[member].load_state_dict(trained.state_dict())
+        log.info("stage %s: encoder member %s from stage %s", stage.name, member, name)
+    return model
 
 
 def apply_transforms(model: MLLM, stage: Stage, quiet: bool = False) -> None:

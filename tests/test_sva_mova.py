@@ -1,0 +1,233 @@
+"""Cambrian's SVA and MoVA's MoV-Adapter (specs/components.md §5.3, §5.4): shapes, window locality, inside-LLM
+re-aggregation, zero-initialised branches, top-k gating, the instruction context."""
+
+import pytest
+import torch
+
+from mllm_kit.connectors.mova import rope_2d, rotate_pairs
+from mllm_kit.connectors.sva import windows
+from mllm_kit.encoders.base import VisualFeatures
+from mllm_kit.errors import ConfigError
+from mllm_kit.registry import CONNECTORS
+
+D = 40
+
+
+def feats(*shapes, n=2, seed=0):
+    """One VisualFeatures per ``(rows, cols, C)``."""
+    g = torch.Generator().manual_seed(seed)
+    return [VisualFeatures(hidden_states=(torch.randn(n, h * w, c, generator=g),), grid=(h, w), selected_layer=0)
+            for h, w, c in shapes]
+
+
+def with_map(f, x):
+    return VisualFeatures(hidden_states=(x,), grid=f.grid, selected_layer=0)
+
+
+def train(module, loss_fn, steps=1, lr=0.1):
+    """Plain SGD steps (torch.optim's first step imports ~900 modules: seconds on a small CPU)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for _ in range(steps):
+        for p in params:
+            p.grad = None
+        loss_fn().backward()
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p -= lr * p.grad
+
+
+# -- SVA ------------------------------------------------------------------------------------------------------------
+
+SVA_SHAPES = ((2, 2, 16), (8, 8, 24))  # query side 2: a 1-token window and a 4×4 = 16-token window (Cambrian: 24 vs 96)
+
+
+def sva(**options):
+    torch.manual_seed(0)
+    spec = {"name": "sva", "query_side": 2, "hidden": 32, "num_layers": 2, "heads": 2, **options}
+    return CONNECTORS.build(spec, in_dims=[16, 24], out_dim=D, grids=[(2, 2), (8, 8)])
+
+
+def test_sva_shapes_token_counts_and_newline():
+    conn = sva()
+    assert conn.window_sizes == [1, 16]
+    assert list(conn.samplers[0][0].pos_embed.keys()) == ["1"]  # only windows of > 1 token get a position embedding
+    assert conn.samplers[0][0].pos_embed["1"].shape == (16, 32)
+    out = conn(feats(*SVA_SHAPES)).tokens
+    assert out.shape == (2, 4, D) and conn.num_tokens(999, (7, 7)) == 4
+    lined = sva(newline=True)
+    out = lined(feats(*SVA_SHAPES)).tokens
+    assert out.shape == (2, 6, D) and lined.num_tokens(0, (1, 1)) == 6
+    assert torch.equal(out[:, 2], lined.image_newline.detach().expand(2, D))  # after each query row
+    assert torch.equal(out[:, 5], lined.image_newline.detach().expand(2, D))
+    groups = sva(num_query_groups=2)
+    assert groups.readout[0].in_features == 64 and groups(feats(*SVA_SHAPES)).tokens.shape == (2, 4, D)
+
+
+def test_windows_gather_the_tokens_under_each_query_cell():
+    x = torch.arange(8 * 8, dtype=torch.float32).view(1, 64, 1)  # the token's row-major index
+    w = windows(x, (8, 8), 2)  # [4 cells, 16, 1]
+    assert w.shape == (4, 16, 1)
+    rows, cols = torch.div(w[..., 0], 8, rounding_mode="floor"), w[..., 0] % 8
+    for cell in range(4):
+        u, v = divmod(cell, 2)
+        assert set(rows[cell].tolist()) == {4 * u + i for i in range(4)} and set(cols[cell].tolist()) == {4 * v + i for i in range(4)}
+    assert windows(torch.arange(6 * 4.0).view(1, 24, 1), (6, 4), 2).shape == (4, 6, 1)  # rectangular: 3×2 windows
+
+
+def test_each_query_sees_only_its_own_window():
+    conn = sva().eval()
+    base, fine = feats(*SVA_SHAPES)
+    out = conn([base, fine]).tokens
+    changed = fine.selected.clone().view(2, 8, 8, 24)
+    changed[:, 4:, :4] += 3.0  # member 1's window under query cell (1, 0); the context reads member 0 only
+    out2 = conn([base, with_map(fine, changed.view(2, 64, 24))]).tokens
+    differs = (out2 - out).abs().amax(dim=(0, 2)) > 1e-6
+    assert differs.tolist() == [False, False, True, False]
+    # member 0 feeds the global context, so changing it moves every query
+    out3 = conn([with_map(base, base.selected + 1.0), fine]).tokens
+    assert ((out3 - out).abs().amax(dim=(0, 2)) > 1e-6).all()
+
+
+def test_sva_rejects_grids_that_do_not_tile_and_cls_tokens():
+    with pytest.raises(ConfigError, match=r"member 1 has a 6×6 patch grid.*4×4 query grid"):
+        CONNECTORS.build({"name": "sva", "query_side": 4, "hidden": 32, "heads": 2}, in_dims=[16, 24], out_dim=D,
+                         grids=[(4, 4), (6, 6)])
+    conn = sva()
+    base, fine = feats(*SVA_SHAPES)
+    with_cls = VisualFeatures(hidden_states=(torch.randn(2, 65, 24),), grid=(8, 8), selected_layer=0)
+    with pytest.raises(ConfigError, match="select_feature: patch"):
+        conn([base, with_cls])
+    with pytest.raises(ConfigError, match="newline"):
+        sva(newline=True, llm_layers=[0])
+    with pytest.raises(ConfigError, match="heads"):
+        sva(heads=5)
+
+
+def test_reaggregate_inside_the_llm_reads_the_last_forward_s_windows():
+    conn = sva(llm_layers=[0, 3]).eval()
+    assert sorted(conn.reaggregators.keys()) == ["0", "3"] and conn.reaggregators["0"].proj_in.in_features == D + 32
+    hidden = torch.randn(2, 4, D)
+    with pytest.raises(ConfigError, match="run the connector first"):
+        conn.reaggregate(0, hidden)
+    base, fine = feats(*SVA_SHAPES)
+    conn([base, fine])
+    a = conn.reaggregate(3, hidden)
+    assert a.shape == (2, 4, D) and not torch.allclose(a, hidden)
+    changed = fine.selected.clone().view(2, 8, 8, 24)
+    changed[:, :4, 4:] += 3.0  # the window under cell (0, 1)
+    conn([base, with_map(fine, changed.view(2, 64, 24))])
+    b = conn.reaggregate(3, hidden)
+    assert ((b - a).abs().amax(dim=(0, 2)) > 1e-6).tolist() == [False, True, False, False]
+    with pytest.raises(ConfigError, match="llm_layers"):
+        conn.reaggregate(1, hidden)
+    with pytest.raises(ConfigError, match=r"\[2, 4, 40\]"):
+        conn.reaggregate(0, hidden[:, :3])
+
+
+def test_sva_trains_every_parameter():
+    conn = sva(llm_layers=[0])
+    features = feats(*SVA_SHAPES)
+    train(conn, lambda: conn.reaggregate(0, conn(features).tokens).pow(2).mean(), steps=2, lr=1e-2)
+    assert [name for name, p in conn.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+# -- MoVA -----------------------------------------------------------------------------------------------------------
+
+MOVA_SHAPES = ((4, 4, 16), (8, 8, 24), (2, 2, 8))  # base CLIP 4×4, experts at 8×8 and 2×2 (resized to 4×4)
+
+
+def mova(**options):
+    torch.manual_seed(0)
+    spec = {"name": "mova", "num_layers": 2, "heads": 2, "top_k": 1, **options}
+    return CONNECTORS.build(spec, in_dims=[16, 24, 8], out_dim=D, grids=[(4, 4), (8, 8), (2, 2)])
+
+
+def run(conn, features, seed=3):
+    conn.set_context(torch.randn(2, 5, D, generator=torch.Generator().manual_seed(seed)), torch.ones(2, 5, dtype=torch.bool))
+    return conn(features).tokens
+
+
+def test_mova_shapes_and_token_count():
+    conn = mova()
+    assert conn.num_tokens(0, (1, 1)) == 4 and run(conn, feats(*MOVA_SHAPES)).shape == (2, 4, D)  # half the base side
+    conn = mova(output_side=1)
+    assert conn.num_tokens(0, (1, 1)) == 1 and run(conn, feats(*MOVA_SHAPES)).shape == (2, 1, D)
+    assert conn.blocks[0].gate[0].in_features == D + 16  # [instruction ‖ mean(x)]
+    with pytest.raises(ConfigError, match="top_k=3"):
+        mova(top_k=3)
+
+
+def test_mova_starts_as_the_base_path_and_learns_to_use_its_experts():
+    conn = mova()
+    base, dino, sam = feats(*MOVA_SHAPES)
+    other = feats(*MOVA_SHAPES, seed=9)
+    a = run(conn, [base, dino, sam])
+    assert torch.equal(a, run(conn, [base, other[1], other[2]]))  # zero-initialised branches: experts unused at init
+    pooled = torch.nn.functional.adaptive_avg_pool2d(base.selected.transpose(1, 2).reshape(2, 16, 4, 4), 2)
+    assert torch.allclose(a, conn.readout(pooled.flatten(2).transpose(1, 2)), atol=1e-6)  # (x + pos + r)/2 = base
+    train(conn, lambda: run(conn, [base, dino, sam]).pow(2).mean(), steps=1, lr=0.5)
+    assert not torch.allclose(run(conn, [base, dino, sam]), run(conn, [base, other[1], other[2]]))
+
+
+def test_mova_trains_every_parameter():
+    conn = mova(top_k=2)
+    features = feats(*MOVA_SHAPES)
+    train(conn, lambda: run(conn, features).pow(2).mean(), steps=3, lr=0.5)
+    assert [name for name, p in conn.named_parameters() if p.grad is None] == []
+    assert all(p.grad.abs().sum() > 0 for name, p in conn.named_parameters() if "cross_attn.0" in name)
+
+
+def test_mova_gates_are_top_k_renormalised_and_respect_the_coarse_mask():
+    conn = mova(top_k=1, num_layers=1)
+    for seed in range(3):  # a trained gate: its zero-initialised last layer made random
+        torch.manual_seed(seed)
+        torch.nn.init.normal_(conn.blocks[0].gate[-1].weight, std=2.0)
+        run(conn, feats(*MOVA_SHAPES), seed=seed)
+        w = conn.routing[0]  # [n_img, E]
+        assert ((w > 0).sum(-1) == 1).all() and torch.allclose(w.sum(-1), torch.ones(2))
+    wide = mova(top_k=2, num_layers=1)
+    torch.nn.init.normal_(wide.blocks[0].gate[-1].weight, std=2.0)
+    run(wide, feats(*MOVA_SHAPES))
+    w = wide.routing[0]
+    assert ((w > 0).sum(-1) == 2).all() and torch.allclose(w.sum(-1), torch.ones(2))
+    assert torch.allclose(wide.metrics["mova_gate"], w.mean(0)) and wide.metrics["mova_gate"].shape == (2,)
+    masked = mova(top_k=2, coarse_mask=[1, 0])
+    torch.nn.init.normal_(masked.blocks[0].gate[-1].weight, std=2.0)
+    run(masked, feats(*MOVA_SHAPES))
+    assert (masked.routing[..., 1] == 0).all() and torch.allclose(masked.routing[..., 0], torch.ones(2, 2, 2)[..., 0])
+    assert masked.metrics["mova_gate"].tolist() == [1.0, 0.0]
+    with pytest.raises(ConfigError, match="coarse_mask"):
+        mova(coarse_mask=[0, 0])
+
+
+def test_mova_needs_this_forward_s_instruction():
+    conn = mova()
+    features = feats(*MOVA_SHAPES)
+    with pytest.raises(ConfigError, match="set_context"):
+        conn(features)
+    run(conn, features)
+    with pytest.raises(ConfigError, match="no set_context"):
+        conn(features)  # the context was consumed by the previous forward
+    conn.set_context(torch.randn(3, 5, D), torch.ones(3, 5, dtype=torch.bool))
+    with pytest.raises(ConfigError, match="3 context rows for 2 images"):
+        conn(features)
+    # the gate reads the masked mean of the instruction: padding outside the mask does not matter
+    embeds, mask = torch.randn(2, 5, D), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    conn.set_context(embeds, mask)
+    first = conn._context.clone()
+    embeds[0, 3:] = 100.0
+    conn.set_context(embeds, mask)
+    assert torch.equal(conn._context, first) and torch.allclose(first[0], embeds[0, :3].mean(0))
+    assert type(conn).reads_instruction is True
+
+
+def test_mova_rotary_embedding_depends_on_relative_offsets_only():
+    cos, sin = rope_2d((5, 5), 8)
+    q, k = torch.randn(8), torch.randn(8)
+    rot = lambda t, i: t * cos[i] + rotate_pairs(t) * sin[i]  # noqa: E731
+    at = lambda r, c: r * 5 + c  # noqa: E731
+    score = lambda p, s: rot(q, p) @ rot(k, s)  # noqa: E731
+    assert torch.allclose(score(at(0, 0), at(1, 2)), score(at(2, 1), at(3, 3)), atol=1e-5)
+    assert not torch.allclose(score(at(0, 0), at(1, 2)), score(at(0, 0), at(2, 1)), atol=1e-3)
+    assert torch.equal(cos[0], torch.ones(8)) and torch.equal(rotate_pairs(torch.tensor([1.0, 2, 3, 4])), torch.tensor([-2.0, 1, -4, 3]))
