@@ -231,3 +231,27 @@ def test_mova_rotary_embedding_depends_on_relative_offsets_only():
     assert torch.allclose(score(at(0, 0), at(1, 2)), score(at(2, 1), at(3, 3)), atol=1e-5)
     assert not torch.allclose(score(at(0, 0), at(1, 2)), score(at(0, 0), at(2, 1)), atol=1e-3)
     assert torch.equal(cos[0], torch.ones(8)) and torch.equal(rotate_pairs(torch.tensor([1.0, 2, 3, 4])), torch.tensor([-2.0, 1, -4, 3]))
+
+
+def test_both_run_inside_the_model_and_mova_reads_each_image_s_instruction():
+    from PIL import Image
+
+    from mllm_kit import MLLM
+    from mllm_kit.batch import Batch
+    from mllm_kit.config import resolve_model
+    from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec
+
+    enc = {"name": "mixture", "members": {"clip": tiny_encoder_spec("clip"), "dino": tiny_encoder_spec("dinov2")}}
+    for spec in ({"name": "mova", **CONNECTORS.resolve("mova")[0].smoke_options},
+                 {"name": "sva", **CONNECTORS.resolve("sva")[0].smoke_options}):
+        torch.manual_seed(0)
+        model = MLLM.build(resolve_model(enc, spec, tiny_llm_spec("llama")))
+        assert model.reads_instruction == (spec["name"] == "mova") and model.tokens_per_image() == 4
+        n, img = model.tokens_per_image(), model.image_token_id
+        ids = torch.tensor([[5, *[img] * n, 6, *[img] * n, 7], [8, *[img] * n, 9, 10, 11, 12, 13, 14]])
+        pixels = torch.stack([model.encoder.image_transform(Image.new("RGB", (20, 20), (k * 60, 0, 0))) for k in range(3)])
+        batch = Batch(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, images_per_sample=[2, 1],
+                      num_image_tokens=3 * n, labels=ids)
+        out = model(batch)
+        assert out.hidden.shape[:2] == ids.shape
+        assert ("mova_gate_e0" in out.metrics) == (spec["name"] == "mova")

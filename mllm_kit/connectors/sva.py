@@ -93,8 +93,9 @@ class SVAConnector(Connector):
 
     def __init__(self, in_dims: Sequence[int], out_dim: int, grids: Sequence[tuple[int, int]], query_side: int = 24,
                  hidden: int = 1024, num_layers: int = 3, heads: int = 16, num_query_groups: int = 1, newline: bool = False,
-                 llm_layers: Sequence[int] | None = None) -> None:
+                 llm_layers: Sequence[int] | None = None, members: Sequence[str] | None = None) -> None:
         super().__init__(in_dims, out_dim)
+        self.members = list(members) if members is not None else [str(i) for i in range(len(self.in_dims))]
         self.grids = [(int(g[0]), int(g[1])) for g in grids]
         s = self.query_side = int(query_side)
         if len(self.grids) != len(self.in_dims):
@@ -106,9 +107,10 @@ class SVAConnector(Connector):
             raise ConfigError(f"sva: hidden={hidden} is not divisible by heads={heads}; pick heads that divide hidden.")
         for i, (rows, cols) in enumerate(self.grids):
             if rows % s or cols % s:
-                raise ConfigError(f"sva: member {i} has a {rows}×{cols} patch grid, which does not tile into the {s}×{s} query "
+                name = self.members[i]
+                raise ConfigError(f"sva: member {name} has a {rows}×{cols} patch grid, which does not tile into the {s}×{s} query "
                                   f"grid (query_side={s}); each side of every member grid must be a multiple of query_side — "
-                                  f"change query_side or that member's resolution.")
+                                  f"change query_side or resample the member (model.encoder.resample.{name}).")
         self.llm_layers = sorted({int(v) for v in llm_layers}) if llm_layers else []
         if self.llm_layers and newline:
             raise ConfigError("sva: llm_layers (re-aggregation inside the LLM) with newline: true is not supported; "
