@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mllm_kit.batch import Batch
-from mllm_kit.connectors.base import Connector, ConnectorOutput, build_connector
+from mllm_kit.connectors.base import Connector, ConnectorOutput, add_aux, build_connector
 from mllm_kit.encoders.base import VisionEncoder
 from mllm_kit.data.transforms import BaseTransform, CropGridTransform
 from mllm_kit.errors import ConfigError, MllmKitError
@@ -278,8 +278,7 @@ class MLLM(nn.Module):
             return {}
         stats: dict[str, list[torch.Tensor]] = {}
         for module in self._aux_modules:
-            for name, value in module.aux_losses.items():
-                aux[name] = aux[name] + value if name in aux else value
+            add_aux(aux, module.aux_losses)
             for name, value in getattr(module, "metrics", {}).items():
                 stats.setdefault(name, []).append(value)
         metrics: dict[str, torch.Tensor] = {}

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mllm_kit.connectors.base import Connector, ConnectorOutput, build_connector
+from mllm_kit.connectors.base import Connector, ConnectorOutput, add_aux, build_connector
 from mllm_kit.data.transforms import best_grid, pinpoint_grids
 from mllm_kit.encoders.base import VisualFeatures
 from mllm_kit.errors import ConfigError
@@ -115,7 +115,4 @@ class AnyResConnector(Connector):
                 newline = self.image_newline.to(tiled.dtype).expand(tiled.shape[0], 1, d)
                 tiled = torch.cat([tiled, newline], dim=1)
             out += [base.tokens[k], tiled.reshape(-1, d)]
-        aux = dict(base.aux_losses)
-        for name, value in tiles.aux_losses.items():
-            aux[name] = aux[name] + value if name in aux else value
-        return ConnectorOutput(tokens=torch.cat(out), aux_losses=aux)
+        return ConnectorOutput(tokens=torch.cat(out), aux_losses=add_aux(dict(base.aux_losses), tiles.aux_losses))

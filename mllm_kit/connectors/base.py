@@ -31,6 +31,13 @@ class ConnectorOutput:
     injections: dict[int, torch.Tensor] | None = None
 
 
+def add_aux(into: dict[str, torch.Tensor], more: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum ``more``'s named aux losses into ``into`` (same name: added, as MoE layers' are over layers); returns ``into``."""
+    for name, value in more.items():
+        into[name] = into[name] + value if name in into else value
+    return into
+
+
 class Connector(nn.Module):
     """Maps encoder features to LLM-width visual tokens.
 

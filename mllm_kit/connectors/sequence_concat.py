@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mllm_kit.connectors.base import Connector, ConnectorOutput, build_connector
+from mllm_kit.connectors.base import Connector, ConnectorOutput, add_aux, build_connector
 from mllm_kit.encoders.base import VisualFeatures
 from mllm_kit.errors import ConfigError
 from mllm_kit.registry import register_connector
@@ -45,6 +45,5 @@ class SequenceConcat(Connector):
             if k and self.separator is not None:
                 parts.append(self.separator.to(out.tokens.dtype).expand(out.tokens.shape[0], 1, -1))
             parts.append(out.tokens)
-            for name, value in out.aux_losses.items():  # summed over members, as MoE layers' are over layers
-                aux[name] = aux[name] + value if name in aux else value
+            add_aux(aux, out.aux_losses)
         return ConnectorOutput(tokens=torch.cat(parts, dim=1), aux_losses=aux)
