@@ -90,27 +90,40 @@ VARIANTS: dict[str, Variant] = {
 }
 
 # Mixtures (docs/encoders/mixtures.md): a member that sees only coarse colour (the quickstart's encoder at 8 px: one
-# patch, the image's mean colour) and one that sees only shape (the quickstart's encoder on a grayscale image); each
-# alone misses half the task. 600 SFT steps for every row (the quickstart: 900).
+# patch, a blurred 8×8 view) and one that sees only shape (the quickstart's encoder on a grayscale image); the six
+# colours are drawn at one luminance (`palette: isoluminant`), so grayscale carries no colour at all. Each member alone
+# misses part of the task; their single-member rows measure how much (the 8 px view still hints at shape through its
+# area). The quickstart's budget (250 + 900 steps) for every row.
 _ENC = "image_size: {size}, patch_size: 8, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 2"
 _COLOUR = "{name: hf_clip, config: {" + _ENC.format(size=8) + "}, select_layer: -2, image_mode: resize}"
 _SHAPE = "{name: hf_clip, config: {" + _ENC.format(size=64) + "}, select_layer: -2, image_mode: resize, grayscale: true}"
 _MIX = "model.encoder={name: mixture, members: {colour: " + _COLOUR + ", shape: " + _SHAPE + "}}"
-_SHORT = ["stages.sft.optim.max_steps=600"]
+# MoVA and SVA take member 0 as the base (CLIP in both papers): here the shape member; SVA needs every grid to tile its
+# query grid, so the colour token is resampled to 8×8.
+_MIX_SHAPE_BASE = ("model.encoder={name: mixture, members: {shape: " + _SHAPE + ", colour: " + _COLOUR + "}, "
+                   "resample: {colour: [8, 8]}}")
+_ISO = ["data.synthetic.palette=isoluminant"]
 MIXTURES: dict[str, Variant] = {
-    "mix_colour_only": Variant([f"model.encoder={_COLOUR}", *_SHORT], "the colour member alone (8 px, 1 token) + mlp2x_gelu"),
-    "mix_shape_only": Variant([f"model.encoder={_SHAPE}", *_SHORT], "the grayscale member alone (64 px, 64 tokens) + mlp2x_gelu"),
-    "mix_channel_concat": Variant([_MIX, "model.connector={name: channel_concat, target_grid: shape}", *_SHORT],
+    "mix_colour_only": Variant([f"model.encoder={_COLOUR}", *_ISO], "the colour member alone (8 px, 1 token) + mlp2x_gelu"),
+    "mix_shape_only": Variant([f"model.encoder={_SHAPE}", *_ISO], "the grayscale member alone (64 px, 64 tokens) + mlp2x_gelu"),
+    "mix_channel_concat": Variant([_MIX, "model.connector={name: channel_concat, target_grid: shape}", *_ISO],
                                   "both, the colour token resampled to 8×8 and concatenated along channels (Eagle)"),
-    "mix_sequence_concat": Variant([_MIX, "model.connector=sequence_concat", *_SHORT],
+    "mix_sequence_concat": Variant([_MIX, "model.connector=sequence_concat", *_ISO],
                                    "both, each with its own mlp2x_gelu, 1 + 64 tokens one after another"),
-    "mix_comm": Variant([_MIX, "model.connector={name: comm, inner: mlp2x_gelu}", *_SHORT],
+    "mix_comm": Variant([_MIX, "model.connector={name: comm, inner: mlp2x_gelu}", *_ISO],
                         "both, COMM's multi-level merge (every layer of each member) into mlp2x_gelu"),
-    # AnyRes (LLaVA-NeXT) against the same encoder at a fixed low resolution, on shapes small at that resolution.
-    "anyres_low": Variant(["model.encoder.config.image_size=32", "data.synthetic.tasks=[shape]", "data.synthetic.radius=[10,16]",
-                           *_SHORT], "control: the encoder at 32 px (4×4 tokens) on 64 px images of shapes only"),
-    "anyres": Variant(["model.encoder.config.image_size=32", "data.synthetic.tasks=[shape]", "data.synthetic.radius=[10,16]",
-                       "model.connector={preset: anyres, pinpoints: [[32, 64], [64, 32], [64, 64]]}", *_SHORT],
+    "mix_mova": Variant([_MIX_SHAPE_BASE, "model.connector={name: mova, num_layers: 1, heads: 2, top_k: 1, output_side: 8}",
+                         *_ISO], "shape member as MoVA's base, the colour member its one expert (top-1), 1 adapter "
+                                   "block, output 8×8 (MoVA: half the base side)"),
+    "mix_sva": Variant([_MIX_SHAPE_BASE, "model.connector={name: sva, query_side: 8, hidden: 64, num_layers: 2, heads: 2}",
+                        *_ISO], "Cambrian's SVA: 8×8 queries, one token of each member per window, 2 layers at width 64"),
+    # AnyRes (LLaVA-NeXT) against the same encoder at a fixed low resolution: the quickstart's shapes (radius 12-22 of a
+    # 64 px image) seen at 32 px are as small against the 8 px patches as the radius 8-16 shapes the quickstart's
+    # comment calls confusable; AnyRes adds 2×2 crops at 32 px, i.e. the native 64 px.
+    "anyres_low": Variant(["model.encoder.config.image_size=32", "data.synthetic.tasks=[shape]"],
+                          "control: the encoder at 32 px (4×4 tokens) on 64 px images, shape questions only"),
+    "anyres": Variant(["model.encoder.config.image_size=32", "data.synthetic.tasks=[shape]",
+                       "model.connector={preset: anyres, pinpoints: [[32, 64], [64, 32], [64, 64]]}"],
                       "AnyRes: the 32 px base view + a 2×2 grid of 32 px crops (16 + 8·9 = 88 tokens)"),
 }
 VARIANTS.update(MIXTURES)

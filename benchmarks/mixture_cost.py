@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,7 +23,7 @@ from mllm_kit.config import resolve_component
 from mllm_kit.connectors.anyres import LLAVA_NEXT_PINPOINTS
 from mllm_kit.data.transforms import best_grid, pinpoint_grids
 from mllm_kit.registry import ENCODERS
-from timing import median_ms_each
+from timing import seconds_each
 
 CLIP_B = {"name": "hf_clip", "config": {"image_size": 224, "patch_size": 16, "hidden_size": 768, "intermediate_size": 3072,
                                          "num_hidden_layers": 12, "num_attention_heads": 12}}
@@ -31,7 +32,9 @@ DINO_S = {"name": "hf_dinov2", "image_size": 224, "config": {"image_size": 224, 
 
 
 @torch.no_grad()
-def encoder_cost(batch: int = 8, repeats: int = 7) -> dict:
+def encoder_cost(batch: int = 8, repeats: int = 15) -> dict:
+    """Each round runs both members alone (one callable, as a mixture would if it added nothing) and the mixture; the
+    median of the per-round ratios cancels the machine's drift between rounds."""
     torch.manual_seed(0)
     clip, dino = (ENCODERS.build(resolve_component("encoders", s)) for s in (CLIP_B, DINO_S))
     mix = ENCODERS.build(resolve_component("encoders", {"name": "mixture", "members": {"clip": CLIP_B, "dino": DINO_S}}))
@@ -39,9 +42,15 @@ def encoder_cost(batch: int = 8, repeats: int = 7) -> dict:
     mix.members["dino"].load_state_dict(dino.state_dict())
     a, b = torch.randn(batch, 3, 224, 224), torch.randn(batch, 3, 224, 224)
     flat = torch.cat([a.flatten(1), b.flatten(1)], dim=1)
-    runs = {"clip": lambda: clip(a), "dino": lambda: dino(b), "mixture": lambda: mix.features(flat)}
-    ms = median_ms_each(runs, steps=repeats, warmup=1, device="cpu")
-    return {"batch": batch, "repeats": repeats, "median_ms": ms, "ratio": ms["mixture"] / (ms["clip"] + ms["dino"])}
+    runs = {"members": lambda: (clip(a), dino(b)), "mixture": lambda: mix.features(flat)}
+    s = seconds_each(runs, steps=repeats, warmup=1, device="cpu")
+    ratios = [m / alone for m, alone in zip(s["mixture"], s["members"])]
+    return {"batch": batch, "repeats": repeats,
+            "members_ms": {"min": round(1000 * min(s["members"])), "median": round(1000 * statistics.median(s["members"]))},
+            "mixture_ms": {"min": round(1000 * min(s["mixture"])), "median": round(1000 * statistics.median(s["mixture"]))},
+            "ratio": {"min_over_min": round(min(s["mixture"]) / min(s["members"]), 3),
+                      "median_of_rounds": round(statistics.median(ratios), 3),
+                      "max_of_rounds": round(max(ratios), 3)}}
 
 
 def anyres_waste(samples: int = 2000, crop: int = 336) -> dict:

@@ -20,8 +20,8 @@ def _seconds(fn: Callable[[], None], device: str) -> float:
     return time.perf_counter() - start
 
 
-def median_ms_each(fns: dict[str, Callable[[], None]], steps: int, warmup: int, device: str) -> dict[str, float]:
-    """Median milliseconds of each callable, run round-robin so that drift in the machine's speed (other load,
+def seconds_each(fns: dict[str, Callable[[], None]], steps: int, warmup: int, device: str) -> dict[str, list[float]]:
+    """Wall seconds of each callable per round, run round-robin so that drift in the machine's speed (other load,
     clock changes) falls on all of them alike rather than on whichever ran last."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(steps + warmup):
@@ -29,7 +29,12 @@ def median_ms_each(fns: dict[str, Callable[[], None]], steps: int, warmup: int, 
             elapsed = _seconds(fn, device)
             if i >= warmup:
                 times[name].append(elapsed)
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def median_ms_each(fns: dict[str, Callable[[], None]], steps: int, warmup: int, device: str) -> dict[str, float]:
+    """Median milliseconds of each callable (:func:`seconds_each`)."""
+    return {name: 1000 * statistics.median(t) for name, t in seconds_each(fns, steps, warmup, device).items()}
 
 
 def timing_parser(doc: str | None, steps: int, warmup: int) -> argparse.ArgumentParser:

@@ -202,7 +202,8 @@ class MLLM(nn.Module):
     ) -> tuple[torch.Tensor, ConnectorOutput | None]:
         """Input embeddings ``[B, T, D]`` with visual tokens at image positions.
 
-        When the connector returns ``injections`` (DeepStack), they are armed on the LLM for the next forward.
+        When the connector returns ``injections`` (DeepStack) or ``rewrites`` (Cambrian's re-aggregation), they are armed
+        on the LLM for the next forward.
         Modules that read each sample's instruction (see :meth:`record_transform`) get the embeddings of
         ``instruction = (ids [B, L], mask [B, L] or None)``, or, when it is an ``[B, T]`` mask alone (no ids), the
         embeddings of ``input_ids`` where it is set, image positions excluded. A connector that reads it (MoVA's gate)
@@ -248,8 +249,8 @@ class MLLM(nn.Module):
                 f"to {expected} in the data pipeline, and never truncate inside an image span."
             )
         embeds = embeds.masked_scatter(mask.unsqueeze(-1), tokens.to(embeds.dtype))
-        if out.injections:
-            self.llm.injector.arm(out.injections, mask, positions)
+        if out.injections or out.rewrites:
+            self.llm.injector.arm(out.injections, mask, positions, out.rewrites)
         return embeds, out
 
     def _dummy_visual_sum(self, like: torch.Tensor) -> torch.Tensor:
@@ -257,7 +258,11 @@ class MLLM(nn.Module):
         # modules under FSDP/ZeRO-3 (anchors.md §9.5); the result is multiplied by zero.
         if self._connector_reads_context:
             self.connector.set_context(like[:1], torch.ones(like[:1].shape[:2], dtype=torch.bool, device=like.device))
-        return self.encode_images(self.encoder.dummy_pixels(like.device)).tokens.sum().to(like.dtype)
+        out = self.encode_images(self.encoder.dummy_pixels(like.device))
+        total = out.tokens.sum()
+        for rewrite in (out.rewrites or {}).values():  # Cambrian's re-aggregators, with the tokens standing in as queries
+            total = total + rewrite(out.tokens.reshape(-1, out.tokens.shape[-1])).sum()
+        return total.to(like.dtype)
 
     def forward(self, batch: Batch, output_hidden_states: bool = False) -> MLLMOutput:
         embeds, visual = self.embed_inputs(batch.input_ids, batch.pixel_values, batch.num_image_tokens,

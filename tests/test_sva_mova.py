@@ -3,12 +3,17 @@ re-aggregation, zero-initialised branches, top-k gating, the instruction context
 
 import pytest
 import torch
+from PIL import Image
 
+from mllm_kit import MLLM
+from mllm_kit.config import resolve_model
+from mllm_kit.batch import Batch
 from mllm_kit.connectors.mova import rope_2d, rotate_pairs
 from mllm_kit.connectors.sva import windows
 from mllm_kit.encoders.base import VisualFeatures
 from mllm_kit.errors import ConfigError
 from mllm_kit.registry import CONNECTORS
+from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec
 
 D = 40
 
@@ -104,32 +109,101 @@ def test_sva_rejects_grids_that_do_not_tile_and_cls_tokens():
         sva(heads=5)
 
 
-def test_reaggregate_inside_the_llm_reads_the_last_forward_s_windows():
+def test_reaggregation_rewrites_read_their_own_forward_s_windows():
     conn = sva(llm_layers=[0, 3]).eval()
     assert sorted(conn.reaggregators.keys()) == ["0", "3"] and conn.reaggregators["0"].proj_in.in_features == D + 32
-    hidden = torch.randn(2, 4, D)
-    with pytest.raises(ConfigError, match="run the connector first"):
-        conn.reaggregate(0, hidden)
+    hidden = torch.randn(2 * 4, D)
     base, fine = feats(*SVA_SHAPES)
-    conn([base, fine])
-    a = conn.reaggregate(3, hidden)
-    assert a.shape == (2, 4, D) and not torch.allclose(a, hidden)
+    first = conn([base, fine]).rewrites
+    assert sorted(first) == [0, 3] and conn(feats(*SVA_SHAPES)).tokens.shape == (2, 4, D)
+    a = first[3](hidden)
+    assert a.shape == (8, D) and not torch.allclose(a, hidden)
     changed = fine.selected.clone().view(2, 8, 8, 24)
     changed[:, :4, 4:] += 3.0  # the window under cell (0, 1)
-    conn([base, with_map(fine, changed.view(2, 64, 24))])
-    b = conn.reaggregate(3, hidden)
-    assert ((b - a).abs().amax(dim=(0, 2)) > 1e-6).tolist() == [False, True, False, False]
-    with pytest.raises(ConfigError, match="llm_layers"):
-        conn.reaggregate(1, hidden)
-    with pytest.raises(ConfigError, match=r"\[2, 4, 40\]"):
-        conn.reaggregate(0, hidden[:, :3])
+    b = conn([base, with_map(fine, changed.view(2, 64, 24))]).rewrites[3](hidden)
+    assert ((b - a).view(2, 4, D).abs().amax(dim=(0, 2)) > 1e-6).tolist() == [False, True, False, False]
+    torch.testing.assert_close(first[3](hidden), a, rtol=0, atol=0)  # a later forward leaves earlier rewrites alone
+    with pytest.raises(ConfigError, match=r"\[8, 40\]"):
+        first[0](hidden[:7])
+    assert sva()(feats(*SVA_SHAPES)).rewrites is None
 
 
 def test_sva_trains_every_parameter():
     conn = sva(llm_layers=[0])
     features = feats(*SVA_SHAPES)
-    train(conn, lambda: conn.reaggregate(0, conn(features).tokens).pow(2).mean(), steps=2, lr=1e-2)
+
+    def loss():
+        out = conn(features)
+        return out.rewrites[0](out.tokens.reshape(-1, D)).pow(2).mean()
+
+    train(conn, loss, steps=2, lr=1e-2)
     assert [name for name, p in conn.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+def sva_model():
+    torch.manual_seed(0)
+    clip, dino = {**tiny_encoder_spec("clip"), "select_layer": -2}, {**tiny_encoder_spec("dinov2", image_size=48), "select_layer": -1}
+    spec = resolve_model({"name": "mixture", "members": {"clip": clip, "dino": dino}},
+                         {"name": "sva", "query_side": 2, "hidden": 32, "num_layers": 1, "heads": 2, "llm_layers": [0]},
+                         tiny_llm_spec("llama"))
+    model = MLLM.build(spec).eval()
+    n, img = model.tokens_per_image(), model.image_token_id
+    ids = torch.tensor([[5, *[img] * n, 6, 7], [8, 9, *[img] * n, 10]])
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.stack([model.encoder.image_transform(Image.fromarray(
+        torch.randint(0, 255, (40, 50, 3), generator=g, dtype=torch.uint8).numpy())) for _ in range(2)])
+    return model, ids, pixels
+
+
+def _batch(ids, pixels, n):
+    return Batch(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, images_per_sample=[1] * len(ids),
+                 num_image_tokens=len(ids) * n)
+
+
+def test_sva_rewrites_the_image_positions_after_each_listed_llm_layer():
+    """Cambrian's ``cambrian_llama.py``: after decoder layer 0, h[image] = reaggregate(h[image]); nothing else moves."""
+    model, ids, pixels = sva_model()
+    n, layers = model.tokens_per_image(), model.llm.decoder_layers
+    model(_batch(ids, pixels, n))  # arms once, so that the toolkit's hooks exist before the test's
+    seen = {}
+    handles = [layers[0].register_forward_hook(lambda m, a, out: seen.__setitem__("raw", out.clone()), prepend=True),
+               layers[1].register_forward_pre_hook(lambda m, a, k: seen.__setitem__("next", (a[0] if a else k["hidden_states"]).clone()),
+                                                   with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            model(_batch(ids, pixels, n))
+            out = model.encode_images(pixels)
+    finally:
+        for h in handles:
+            h.remove()
+    image = ids == model.image_token_id
+    assert torch.equal(seen["next"][~image], seen["raw"][~image])
+    torch.testing.assert_close(seen["next"][image], out.rewrites[0](seen["raw"][image]), rtol=1e-5, atol=1e-6)
+    assert (seen["next"][image] - seen["raw"][image]).abs().max() > 1e-3
+
+
+def test_sva_generation_rewrites_in_prefill_only_and_equals_decoding_without_a_cache():
+    model, ids, pixels = sva_model()
+    n = model.tokens_per_image()
+    generated = model.generate(ids, torch.ones_like(ids), pixel_values=pixels, max_new_tokens=4, stop_token_ids=[-1])
+    assert model.llm.injector.armed == []
+    seq = ids
+    with torch.no_grad():
+        for _ in range(4):
+            seq = torch.cat([seq, model(_batch(seq, pixels, n)).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, seq[:, ids.shape[1]:])
+
+
+def test_sva_re_aggregators_get_gradients_also_from_text_only_batches():
+    """Every rank must touch the same parameters under DDP/FSDP: a text-only batch still reaches the re-aggregators."""
+    model, ids, pixels = sva_model()
+    model.train()
+    text = torch.tensor([[5, 6, 7, 8]])
+    for batch in (_batch(ids, pixels, model.tokens_per_image()), Batch(input_ids=text, attention_mask=torch.ones_like(text))):
+        model.zero_grad()
+        model(batch).logits.float().pow(2).mean().backward()
+        grads = [p.grad for p in model.connector.reaggregators.parameters()]
+        assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads) == (batch.pixel_values is not None)
 
 
 # -- MoVA -----------------------------------------------------------------------------------------------------------
@@ -242,8 +316,9 @@ def test_both_run_inside_the_model_and_mova_reads_each_image_s_instruction():
     from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec
 
     enc = {"name": "mixture", "members": {"clip": tiny_encoder_spec("clip"), "dino": tiny_encoder_spec("dinov2")}}
-    for spec in ({"name": "mova", **CONNECTORS.resolve("mova")[0].smoke_options},
-                 {"name": "sva", **CONNECTORS.resolve("sva")[0].smoke_options}):
+    from mllm_kit.config.smoke import tiny_connector_like
+
+    for spec in (tiny_connector_like({"name": "mova"}), tiny_connector_like({"name": "sva", "llm_layers": [0, 3]})):
         torch.manual_seed(0)
         model = MLLM.build(resolve_model(enc, spec, tiny_llm_spec("llama")))
         assert model.reads_instruction == (spec["name"] == "mova") and model.tokens_per_image() == 4
@@ -255,3 +330,4 @@ def test_both_run_inside_the_model_and_mova_reads_each_image_s_instruction():
         out = model(batch)
         assert out.hidden.shape[:2] == ids.shape
         assert ("mova_gate_e0" in out.metrics) == (spec["name"] == "mova")
+        assert spec.get("llm_layers") == (None if spec["name"] == "mova" else [0])  # smoke keeps re-aggregation, in layer 0

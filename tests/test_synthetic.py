@@ -175,6 +175,18 @@ def test_render_background_noise_and_solid_fill() -> None:
     assert np.abs(background - BACKGROUND).max() == 5 and len(np.unique(background)) > 5
 
 
+def test_isoluminant_palette_is_one_grey_in_grayscale_and_distinct_in_colour() -> None:
+    """The mixture benchmark's colour-blind member must not read colour from luminance (docs/encoders/mixtures.md)."""
+    rng = np.random.default_rng(0)
+    for palette, distinct_greys in (("standard", len(COLORS)), ("isoluminant", 1)):
+        images = [render(Scene((Shape("square", c, 12, 12, 6),)), 24, 0, rng, palette) for c in COLORS]
+        rgb = {tuple(np.asarray(im)[12, 12]) for im in images}
+        grey = {int(np.asarray(im.convert("L"))[12, 12]) for im in images}
+        assert len(rgb) == len(COLORS) and len(grey) == distinct_greys, palette
+    with pytest.raises(ConfigError, match="palette must be one of"):
+        SynthConfig(palette="pastel")
+
+
 def test_second_call_is_cached_and_new_config_replaces(tmp_path: Path) -> None:
     out = tmp_path / "ds"
     config = SynthConfig(num_align=4, num_sft=6, num_eval=5)

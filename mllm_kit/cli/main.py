@@ -137,6 +137,7 @@ def _data_synth(args: argparse.Namespace) -> int:
     config = SynthConfig(
         seed=args.seed, image_size=args.image_size, num_align=args.num_align, num_sft=args.num_sft,
         num_eval=args.num_eval, tasks=tuple(args.tasks.split(",")), blank_images=args.blank_images,
+        palette=args.palette,
         radius=parse_radius(args.radius) if args.radius else None,
     )
     paths = generate(args.out, config)
@@ -209,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-eval", type=int, default=600)
     p.add_argument("--tasks", default="color,shape", help="comma-separated: color,shape,count,position,relation")
     p.add_argument("--blank-images", action="store_true", help="render backgrounds only (blind control)")
+    p.add_argument("--palette", default="standard", choices=["standard", "isoluminant"],
+                   help="shape colours; isoluminant: one luminance, so grayscale cannot tell them apart")
     p.set_defaults(func=_data_synth)
 
     p = data.add_parser("inspect", help="show encoded samples of a recipe's stage with supervised spans marked")

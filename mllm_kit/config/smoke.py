@@ -59,7 +59,9 @@ def tiny_connector_like(spec: dict[str, Any], overrides: dict[str, Any] | None =
     cls, _ = component_class(CONNECTORS, spec, "model.connector")
     out = dict(spec)
     for key, value in getattr(cls, "smoke_options", {}).items():
-        if out.get(key, 0) is not None:  # null means "derived" (e.g. the LLM width): keep deriving it
+        if callable(value):  # shrinks what the spec set (e.g. LLM layer indices for a 2-layer LLM)
+            out[key] = value(out.get(key))
+        elif out.get(key, 0) is not None:  # null means "derived" (e.g. the LLM width): keep deriving it
             out[key] = value
     for key in getattr(cls, "nested_specs", {}):
         if isinstance(out.get(key), dict):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -24,11 +24,14 @@ class ConnectorOutput:
     from a connector with ``dynamic_tokens``).
     ``aux_losses``: named scalar losses (MoE balance, z-loss, ...) weighted by the recipe.
     ``injections``: LLM layer index → ``[n_img, N, D]`` added at the image positions before that layer (DeepStack).
+    ``rewrites``: LLM layer index → a function of the ``[n_img·N, D]`` hidden states at the image positions after that
+    layer, whose result replaces them (Cambrian's inside-LLM re-aggregation).
     """
 
     tokens: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     injections: dict[int, torch.Tensor] | None = None
+    rewrites: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None
 
 
 def add_aux(into: dict[str, torch.Tensor], more: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -49,7 +52,8 @@ class Connector(nn.Module):
 
     Class attributes a subclass may set: ``nested_specs`` maps an option holding another connector's spec (a wrapper's
     ``inner``) to its preset group, so recipe loading resolves and checks it too; ``smoke_options`` are the option values
-    ``--smoke`` uses to shrink the connector (an option whose value is ``null``, i.e. derived, is left alone).
+    ``--smoke`` uses to shrink the connector (an option whose value is ``null``, i.e. derived, is left alone; a callable
+    maps the spec's value, or None when unset, to the smoke value).
     """
 
     num_crops: int = 0

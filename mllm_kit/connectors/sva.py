@@ -14,18 +14,18 @@ Member i gives ``[n_img, Nᵢ, Cᵢ]`` on a ``rowsᵢ × colsᵢ`` grid; each si
 5. the groups' queries are concatenated over channels: Linear(hidden·G → D) → GELU → Linear(D → D) → ``[n_img, s², D]``
    (``newline``: Cambrian's ``image_newline`` [D] after every row → ``[n_img, s(s+1), D]``).
 
-``llm_layers``: Cambrian also re-aggregates inside the LLM: at each listed layer the LLM's hidden states at the image
-positions are the queries (q_dim = D) of one more such layer over the same windows and context. Those layers live in
-``reaggregators`` (keyed by ``str(layer)``); :meth:`reaggregate` runs one. It reads the windows and context that the last
-:meth:`forward` cached on the module (``self.cache``, kept with their autograd graph until the next forward), so the
-model must call it after this forward and within the same LLM pass.
+``llm_layers``: Cambrian also re-aggregates inside the LLM: after each listed decoder layer the LLM's hidden states
+at the image positions are the queries (q_dim = D) of one more such layer over the same windows and context, and its
+output replaces them (``cambrian_llama.py``; Cambrian-8B: layers 0, 3, …, 27). Those layers live in ``reaggregators``
+(keyed by ``str(layer)``); :meth:`forward` returns one rewrite per layer (``ConnectorOutput.rewrites``) holding this
+forward's windows and context, and the model runs them from hooks on the decoder layers (:mod:`mllm_kit.llm.inject`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,8 @@ class SVAConnector(Connector):
     ``num_layers`` (connector_depth, 3), ``heads`` (16), ``num_query_groups`` (1), ``newline`` (false),
     ``llm_layers`` (none; Cambrian-8B: 0, 3, …, 27)."""
 
-    smoke_options = {"query_side": 2, "hidden": 32, "num_layers": 1, "heads": 2}
+    smoke_options = {"query_side": 2, "hidden": 32, "num_layers": 1, "heads": 2,
+                     "llm_layers": lambda layers: [0] if layers else layers}
 
     def __init__(self, in_dims: Sequence[int], out_dim: int, grids: Sequence[tuple[int, int]], query_side: int = 24,
                  hidden: int = 1024, num_layers: int = 3, heads: int = 16, num_query_groups: int = 1, newline: bool = False,
@@ -129,7 +130,6 @@ class SVAConnector(Connector):
         self.reaggregators = nn.ModuleDict(
             {str(v): VisionCrossAttentionLayer(out_dim, hidden, hidden, heads, self.window_sizes) for v in self.llm_layers}
         )
-        self.cache: dict[str, Any] | None = None
 
     def num_tokens(self, input_tokens: int, grid: tuple[int, int]) -> int:
         s = self.query_side
@@ -160,23 +160,20 @@ class SVAConnector(Connector):
         if self.image_newline is not None:
             newline = self.image_newline.to(tokens.dtype).expand(n, s, 1, -1)
             tokens = torch.cat([tokens.view(n, s, s, -1), newline], dim=2).reshape(n, s * (s + 1), -1)
-        self.cache = {"windows": kv, "context": context} if self.reaggregators else None
-        return ConnectorOutput(tokens=tokens)
+        rewrites = {v: partial(self.reaggregate, v, windows=kv, context=context) for v in self.llm_layers}
+        return ConnectorOutput(tokens=tokens, rewrites=rewrites or None)
 
-    def reaggregate(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Cambrian's re-aggregation at LLM layer ``layer`` (one of ``llm_layers``): the LLM hidden states at the
-        image positions, ``[n_img, s², D]``, re-attend to the windows cached by the last :meth:`forward` →
-        ``[n_img, s², D]`` (residual included)."""
+    def reaggregate(self, layer: int, hidden: torch.Tensor, windows: Sequence[torch.Tensor], context: torch.Tensor) -> torch.Tensor:
+        """Cambrian's re-aggregation after LLM layer ``layer`` (one of ``llm_layers``): the LLM hidden states at the
+        image positions, ``[n_img·s², D]``, re-attend to ``windows`` (per member ``[n_img·s², rᵢ, hidden]``) with the
+        global ``context`` ``[n_img, hidden]`` → ``[n_img·s², D]`` (residual included)."""
         if str(layer) not in self.reaggregators:
             raise ConfigError(f"sva: no re-aggregation layer for LLM layer {layer}; llm_layers is {self.llm_layers}.")
-        if self.cache is None:
-            raise ConfigError("sva: reaggregate() reads the member windows of the last forward; run the connector first.")
-        s, (kv, context) = self.query_side, (self.cache["windows"], self.cache["context"])
-        n = context.shape[0]
-        if hidden.shape != (n, s * s, self.out_dim):
-            raise ConfigError(f"sva: reaggregate() expects hidden states [{n}, {s * s}, {self.out_dim}] at the image positions "
-                              f"of the last forward's images, got {list(hidden.shape)}.")
+        s, n = self.query_side, context.shape[0]
+        if hidden.shape != (n * s * s, self.out_dim):
+            raise ConfigError(f"sva: re-aggregation expects the hidden states at the image positions, [{n * s * s}, "
+                              f"{self.out_dim}] ({n} images × {s * s} tokens), got {list(hidden.shape)}.")
         block = self.reaggregators[str(layer)]
         dtype = block.proj_in.weight.dtype  # the LLM may run in another dtype than the connector
-        out = block(hidden.reshape(n * s * s, 1, -1).to(dtype), context.to(dtype), [w.to(dtype) for w in kv])
-        return out.view(n, s * s, -1).to(hidden.dtype)
+        out = block(hidden.unsqueeze(1).to(dtype), context.to(dtype), [w.to(dtype) for w in windows])
+        return out.view(n * s * s, -1).to(hidden.dtype)

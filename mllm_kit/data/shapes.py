@@ -41,11 +41,21 @@ QUESTIONS: dict[str, str] = {
     "position": "Is the shape on the left or the right?",
     "relation": "Is the {c1} shape left of the {c2} shape?",
 }
-# Palette: the shape colours, then every background grey BACKGROUND + k for |k| <= MAX_NOISE.
+# The same hues at one luminance (ITU-R 601 luma 120, as PIL's convert("L") computes it): a grayscale view cannot tell
+# them apart, so a colour-blind encoder sees shape only (the mixture benchmark, docs/encoders/mixtures.md).
+ISOLUMINANT_RGB: dict[str, tuple[int, int, int]] = {
+    "red": (252, 63, 63),
+    "green": (0, 201, 17),
+    "blue": (73, 118, 252),
+    "yellow": (139, 134, 0),
+    "purple": (189, 58, 254),
+    "orange": (202, 101, 0),
+}
+PALETTES = {"standard": COLOR_RGB, "isoluminant": ISOLUMINANT_RGB}
+# Image palette: the shape colours, then every background grey BACKGROUND + k for |k| <= MAX_NOISE.
 _COLOR_INDEX = {name: i for i, name in enumerate(COLORS)}
-_PALETTE = [v for name in COLORS for v in COLOR_RGB[name]] + [
-    v for g in range(BACKGROUND - MAX_NOISE, BACKGROUND + MAX_NOISE + 1) for v in (g, g, g)
-]
+_GREYS = [v for g in range(BACKGROUND - MAX_NOISE, BACKGROUND + MAX_NOISE + 1) for v in (g, g, g)]
+_PALETTE = {name: [v for c in COLORS for v in rgb[c]] + _GREYS for name, rgb in PALETTES.items()}
 
 
 @dataclass(frozen=True)
@@ -199,12 +209,12 @@ def caption(scene: Scene, size: int) -> str:
     return text + "."
 
 
-def render_indexed(scene: Scene, image_size: int, noise: int, rng: np.random.Generator) -> Image.Image:
+def render_indexed(scene: Scene, image_size: int, noise: int, rng: np.random.Generator, palette: str = "standard") -> Image.Image:
     """:func:`render` as a palette image: a third of the bytes to encode, so PNGs are smaller and faster to write."""
     # One noise value per pixel (grey, not per channel) keeps the background neutral and the palette small.
     offsets = rng.integers(-noise, noise + 1, size=(image_size, image_size), dtype=np.int16)
     image = Image.fromarray((offsets + len(COLORS) + MAX_NOISE).astype(np.uint8))
-    image.putpalette(_PALETTE)  # turns the "L" image into "P"
+    image.putpalette(_PALETTE[palette])  # turns the "L" image into "P"
     draw = ImageDraw.Draw(image)
     for s in scene.shapes:
         fill = _COLOR_INDEX[s.color]
@@ -217,6 +227,7 @@ def render_indexed(scene: Scene, image_size: int, noise: int, rng: np.random.Gen
     return image
 
 
-def render(scene: Scene, image_size: int, noise: int, rng: np.random.Generator) -> Image.Image:
-    """RGB image: light grey background with per-pixel uniform noise in ``[-noise, noise]``, solid shapes on top."""
-    return render_indexed(scene, image_size, noise, rng).convert("RGB")
+def render(scene: Scene, image_size: int, noise: int, rng: np.random.Generator, palette: str = "standard") -> Image.Image:
+    """RGB image: light grey background with per-pixel uniform noise in ``[-noise, noise]``, solid shapes on top in the
+    colours of ``palette`` (:data:`PALETTES`)."""
+    return render_indexed(scene, image_size, noise, rng, palette).convert("RGB")

@@ -23,6 +23,7 @@ from mllm_kit.data.shapes import BACKGROUND, COLOR_RGB, COLORS, QUESTIONS, SHAPE
 from mllm_kit.data.shapes import (
     ANSWERS,
     MAX_NOISE,
+    PALETTES,
     TASKS,
     Scene,
     all_questions,
@@ -68,7 +69,8 @@ class SynthConfig:
 
     ``radius`` is the (min, max) half-size of a shape in pixels; left unset (``None``) it becomes
     :func:`~mllm_kit.data.shapes.default_radius` of ``image_size`` ((8, 16) at 64 px), so the config
-    holds the radius actually drawn and the cache key names it.
+    holds the radius actually drawn and the cache key names it. ``palette``: ``standard`` or ``isoluminant`` (the six
+    hues at one luminance, so a grayscale view cannot tell the colours apart).
     """
 
     seed: int = 0
@@ -81,6 +83,7 @@ class SynthConfig:
     noise: int = 8
     multi_turn: float = 0.3
     blank_images: bool = False
+    palette: str = "standard"
 
     def __post_init__(self) -> None:
         # Recipes deliver lists from YAML/JSON; tuples keep the config hashable and comparable.
@@ -133,6 +136,9 @@ class SynthConfig:
             raise ConfigError(f"synthetic multi_turn must be a fraction in [0, 1], got {self.multi_turn!r}.")
         if not isinstance(self.blank_images, bool):
             raise ConfigError(f"synthetic blank_images must be true or false, got {self.blank_images!r}.")
+        if self.palette not in PALETTES:
+            raise ConfigError(f"synthetic palette must be one of {list(PALETTES)}, got {self.palette!r}."
+                              f"{did_you_mean(str(self.palette), PALETTES)}")
 
     def _validate_radius(self) -> None:
         radius, size = self.radius, self.image_size
@@ -195,7 +201,7 @@ def _build_split(split: str, config: SynthConfig, image_dir: Path) -> list[dict[
         scene, qa = scene_for(task, answer, scene_rng, size, config.radius)
         name = f"{split}_{i:06d}"
         image = f"images/{name}.png"
-        render_indexed(Scene() if config.blank_images else scene, size, config.noise, noise_rng).save(
+        render_indexed(Scene() if config.blank_images else scene, size, config.noise, noise_rng, config.palette).save(
             image_dir / f"{name}.png", compress_level=1
         )
         if split == "align":

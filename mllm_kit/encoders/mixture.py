@@ -69,9 +69,11 @@ class MixtureEncoder(VisionEncoder):
             if len(grid) != 2 or min(int(v) for v in grid) < 1:
                 raise ConfigError(f"encoder.resample.{name}: expected [rows, cols] of positive integers, got {grid!r}.")
             member = self.members[name]
-            if member.grid[0] * member.grid[1] + (member.select_feature == "cls_patch") != member.num_tokens or member.grid[0] == 1:
-                raise ConfigError(f"encoder.resample.{name}: member {name!r} has no 2-D patch grid to resample "
-                                  f"(grid {member.grid}, select_feature {member.select_feature!r}); use select_feature: patch.")
+            if member.drop_first_patch or member.select_feature != "patch":
+                # drop_first_patch leaves a (1, rows·cols − 1) token list; a CLS token has no place on the grid.
+                raise ConfigError(f"encoder.resample.{name}: member {name!r} gives no 2-D patch grid to resample "
+                                  f"(select_feature {member.select_feature!r}, drop_first_patch {member.drop_first_patch}); "
+                                  f"set select_feature: patch and drop_first_patch: false on it.")
             self._resample[name] = (int(grid[0]), int(grid[1]))
         base = self.base
         self.embed_dim, self.num_layers, self.patch_size = base.embed_dim, base.num_layers, base.patch_size
