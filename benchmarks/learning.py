@@ -98,8 +98,8 @@ _ENC = "image_size: {size}, patch_size: 8, hidden_size: 64, intermediate_size: 1
 _COLOUR = "{name: hf_clip, config: {" + _ENC.format(size=8) + "}, select_layer: -2, image_mode: resize}"
 _SHAPE = "{name: hf_clip, config: {" + _ENC.format(size=64) + "}, select_layer: -2, image_mode: resize, grayscale: true}"
 _MIX = "model.encoder={name: mixture, members: {colour: " + _COLOUR + ", shape: " + _SHAPE + "}}"
-# MoVA and SVA take member 0 as the base (CLIP in both papers): here the shape member; SVA needs every grid to tile its
-# query grid, so the colour token is resampled to 8×8.
+# COMM, MoVA and SVA take member 0 as the base (CLIP in the papers), whose grid the output keeps: here the shape
+# member, with the colour token resampled to its 8×8 grid (with the colour member first, COMM sums onto one token).
 _MIX_SHAPE_BASE = ("model.encoder={name: mixture, members: {shape: " + _SHAPE + ", colour: " + _COLOUR + "}, "
                    "resample: {colour: [8, 8]}}")
 _ISO = ["data.synthetic.palette=isoluminant"]
@@ -110,8 +110,9 @@ MIXTURES: dict[str, Variant] = {
                                   "both, the colour token resampled to 8×8 and concatenated along channels (Eagle)"),
     "mix_sequence_concat": Variant([_MIX, "model.connector=sequence_concat", *_ISO],
                                    "both, each with its own mlp2x_gelu, 1 + 64 tokens one after another"),
-    "mix_comm": Variant([_MIX, "model.connector={name: comm, inner: mlp2x_gelu}", *_ISO],
-                        "both, COMM's multi-level merge (every layer of each member) into mlp2x_gelu"),
+    "mix_comm": Variant([_MIX_SHAPE_BASE, "model.connector={name: comm, inner: mlp2x_gelu}", *_ISO],
+                        "both, COMM's multi-level merge (every layer of each member, summed on the shape member's 8×8 "
+                        "grid) into mlp2x_gelu"),
     "mix_mova": Variant([_MIX_SHAPE_BASE, "model.connector={name: mova, num_layers: 1, heads: 2, top_k: 1, output_side: 8}",
                          *_ISO], "shape member as MoVA's base, the colour member its one expert (top-1), 1 adapter "
                                    "block, output 8×8 (MoVA: half the base side)"),

@@ -16,17 +16,20 @@ class Batch:
     ``input_ids`` / ``labels`` / ``attention_mask``: ``[B, T]``; image placeholders are already expanded to
     N image-token ids per image and their labels are ``IGNORE_INDEX``.
     ``pixel_values``: ``[n_img, 3, H, W]``, images of row 0 first, in order of appearance.
-    ``images_per_sample``: ``[B]`` image counts. ``num_image_tokens``: image-token positions in the batch
+    ``images_per_sample``: image counts, one per sample. ``num_image_tokens``: image-token positions in the batch
     (counted on the host by the collator, so the model can check it without a device sync).
-    Packed rows carry ``position_ids`` (restarting at 0 per sequence) and ``seq_lens`` (lengths of the
-    sequences in each row); padded rows leave both ``None``.
+    Packed rows (:mod:`mllm_kit.data.packing`) hold several samples each: ``position_ids`` restart at 0 per sample,
+    ``attention_mask`` is ``None`` (the restarts isolate the samples), ``seq_lens`` lists each row's sample lengths and
+    ``segments`` ``[B, T]`` the sample (0..S−1) of every position; padded rows leave the three ``None``.
     ``num_loss_tokens``: supervised targets after the causal shift (host count). A batch is not changed after
-    collation; the trainer derives the loss normaliser from the loader's per-step counts.
+    collation; the trainer derives the loss normaliser from the loader's per-step counts. ``loss_weights`` ``[B, T]``:
+    each label position's weight under ``data.loss_weighting`` other than ``token`` (``None``: every supervised token
+    weighs 1), with their host sum ``loss_weight_sum``; :attr:`loss_total` is what the normaliser sums.
     ``crop_pixel_values`` ``[Σ crops, 3, H, W]`` / ``crop_grids`` (one ``(rows, cols)`` per image): the
     high-resolution view, for connectors that read one (DeepStack, AnyRes); ``image_sizes``: each image's
     original ``(width, height)`` (AnyRes unpads with it). A mixture's ``pixel_values`` are ``[n_img, Σ 3·Hᵢ·Wᵢ]``
     (every member's image flattened, member order; crops likewise).
-    ``instruction_ids`` / ``instruction_mask`` ``[B, L]``: each sample's first user message by itself, for an
+    ``instruction_ids`` / ``instruction_mask`` ``[S, L]``: each sample's first user message by itself, for an
     instance-level gate (LoRA-MoE); without them the gate reads :meth:`prompt_mask`'s tokens.
     ``teacher``: the same samples as a distillation teacher reads them (its own template and image-token count),
     when they differ from this view; :meth:`teacher_view` is what the teacher runs on. ``pairs``: preference batches
@@ -41,8 +44,11 @@ class Batch:
     num_image_tokens: int | None = None
     position_ids: torch.Tensor | None = None
     seq_lens: list[list[int]] | None = None
+    segments: torch.Tensor | None = None
     sample_ids: list[str] = field(default_factory=list)
     num_loss_tokens: int | None = None
+    loss_weights: torch.Tensor | None = None
+    loss_weight_sum: float | None = None
     crop_pixel_values: torch.Tensor | None = None
     crop_grids: list[tuple[int, int]] = field(default_factory=list)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
@@ -78,6 +84,11 @@ class Batch:
             seen = seen - starts.cummax(dim=-1).values
         mask = seen == 0
         return mask if self.attention_mask is None else mask & self.attention_mask.bool()
+
+    @property
+    def loss_total(self) -> float:
+        """Σ of the supervised targets' weights: ``num_loss_tokens`` under token weighting."""
+        return float(self.loss_weight_sum if self.loss_weights is not None else (self.num_loss_tokens or 0))
 
     @property
     def num_images(self) -> int:

@@ -199,6 +199,7 @@ class MLLM(nn.Module):
         instruction: tuple[torch.Tensor, torch.Tensor | None] | None = None,
         image_sizes: list[tuple[int, int]] | None = None,
         images_per_sample: list[int] | None = None,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ConnectorOutput | None]:
         """Input embeddings ``[B, T, D]`` with visual tokens at image positions.
 
@@ -207,20 +208,27 @@ class MLLM(nn.Module):
         Modules that read each sample's instruction (see :meth:`record_transform`) get the embeddings of
         ``instruction = (ids [B, L], mask [B, L] or None)``, or, when it is an ``[B, T]`` mask alone (no ids), the
         embeddings of ``input_ids`` where it is set, image positions excluded. A connector that reads it (MoVA's gate)
-        gets the same rows repeated per image (``images_per_sample``, default one image per sample).
+        gets the same rows repeated per image (``images_per_sample``, default one image per sample). Packed rows
+        (``segments`` ``[B, T]``, :class:`~mllm_kit.batch.Batch`) need the instruction ids, one row per sample.
         """
         embeds = self.llm.embed(input_ids)
         self.llm.injector.clear()
         if self._context_modules or self._connector_reads_context:
             ids, mask = instruction if instruction is not None else (None, None)
+            if segments is not None and ids is None:
+                raise ConfigError("packed rows hold several samples, so an instance-level gate needs each sample's "
+                                  "instruction_ids (the dataset adds them for a model that reads the instruction).")
             if ids is not None:
                 text = self.llm.embed(ids)
                 mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
             else:
                 text = embeds
                 mask = (input_ids != self.image_token_id) & (True if mask is None else mask.bool())
-            for module in self._context_modules:
-                module.set_context(text, mask)
+            for module in self._context_modules:  # a module takes segments only when it must gate packed rows
+                if segments is None:
+                    module.set_context(text, mask)
+                else:
+                    module.set_context(text, mask, segments)
             if self._connector_reads_context and pixel_values is not None and pixel_values.shape[0]:
                 counts = images_per_sample if images_per_sample is not None else [1] * text.shape[0]
                 if len(counts) != text.shape[0] or sum(counts) != pixel_values.shape[0]:
@@ -267,7 +275,7 @@ class MLLM(nn.Module):
     def forward(self, batch: Batch, output_hidden_states: bool = False) -> MLLMOutput:
         embeds, visual = self.embed_inputs(batch.input_ids, batch.pixel_values, batch.num_image_tokens,
                                            batch.crop_pixel_values, batch.crop_grids, _instruction(batch),
-                                           batch.image_sizes or None, batch.images_per_sample or None)
+                                           batch.image_sizes or None, batch.images_per_sample or None, batch.segments)
         out = self.llm.decode(embeds, batch.attention_mask, batch.position_ids, output_hidden_states=output_hidden_states)
         aux = dict(visual.aux_losses) if visual is not None else {}
         metrics = self._collect_llm_aux(aux)

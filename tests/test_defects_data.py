@@ -8,7 +8,6 @@ import logging
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -87,7 +86,7 @@ def test_trim_that_cuts_every_reply_says_so(tmp_path, encoder, quiet):
 # -- 2. synthetic radius follows image_size ------------------------------------------------------
 def cache_digest(config: SynthConfig) -> str:
     """How mllm_kit.training.data keys the synthetic cache directory."""
-    return hashlib.sha1(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
+    return hashlib.sha1(json.dumps(config.key(), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def test_small_image_size_gets_a_proportional_radius(tmp_path):

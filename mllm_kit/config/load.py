@@ -234,6 +234,7 @@ def _resolve_stage(spec: RecipeSpec, index: int) -> Stage:
     objective = resolve_named(OBJECTIVES, s.objective, f"{where}.objective")
     model, init_from = _resolve_start(spec, index)
     teacher = _resolve_teacher(spec, index)
+    _check_packing(data, objective, teacher, f"{where}.data")
     return Stage(s.name, s.trainable, transforms, objective, s.aux_loss_coef, data, optim, trainer, model, init_from, teacher,
                  s.pre_align, dict(s.init_members))
 
@@ -244,6 +245,19 @@ def _merge(base: Any, override: dict[str, Any], schema: type, path: str) -> Any:
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: {err}") from None
     return validate(merged, schema, path)
+
+
+def _check_packing(data: DataSpec, objective: dict[str, Any], teacher: TeacherSpec | None, path: str) -> None:
+    """Packing and per-sample loss weights are implemented for the LM objective on the model's own view."""
+    if data.packing_max_images is not None and data.packing_max_images < 1:
+        raise ConfigError(f"{path}.packing_max_images: must be ≥ 1 (or null for no cap), got {data.packing_max_images}.")
+    if data.packing_buffer < 1:
+        raise ConfigError(f"{path}.packing_buffer: must be ≥ 1 sample, got {data.packing_buffer}.")
+    for key, used in (("packing", data.packing), ("loss_weighting", data.loss_weighting != "token")):
+        if used and (objective.get("name") != "lm" or teacher is not None):
+            what = "a teacher" if teacher is not None else f"objective {objective.get('name')!r}"
+            raise ConfigError(f"{path}.{key}: is supported with objective lm and no teacher; this stage has {what}. "
+                              f"Set {path}.{key}: {'false' if key == 'packing' else 'token'}.")
 
 
 def _check_optim(optim: OptimSpec, path: str) -> None:

@@ -33,7 +33,13 @@ class DataSpec:
     what ``mllm-kit fit`` evaluates after training; without it nothing is evaluated. ``image_mode`` overrides the
     encoder's resize mode for this data (LLaVA-1.5 pads to square only in SFT). ``system_prompt`` replaces the
     template's default system prompt (``""``: none) for samples without one. ``length_group_size``: how many
-    global micro-batches are sorted by length together before shuffling (1 = LLaVA's grouping)."""
+    global micro-batches are sorted by length together before shuffling (1 = LLaVA's grouping).
+
+    ``packing``: micro-batches are rows of up to ``max_length`` tokens, each holding several whole samples that attend
+    only to themselves (:mod:`mllm_kit.data.packing`); ``micro_batch_size`` / ``global_batch_size`` then count rows.
+    ``packing_max_images`` caps the images per row (None: no cap), ``packing_buffer`` is how many shuffled samples
+    first-fit-decreasing sorts at once. ``loss_weighting``: how the LM loss weighs samples — ``token`` (every supervised
+    token alike, LLaVA's), ``sample`` (each sample's mean, alike), ``square`` (InternVL's: tokens weighted 1/√nᵢ)."""
 
     train: str | None = None
     eval: str | None = None
@@ -46,6 +52,10 @@ class DataSpec:
     group_by_modality: bool = True
     length_group_size: int = 1
     num_workers: int = 0
+    packing: bool = False
+    packing_max_images: int | None = None
+    packing_buffer: int = 4096
+    loss_weighting: Literal["token", "sample", "square"] = "token"
     synthetic: SynthConfig = field(default_factory=SynthConfig)
 
 

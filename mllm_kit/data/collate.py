@@ -1,4 +1,4 @@
-"""Batch samples by padding (packing can be added here; the Batch type already carries it)."""
+"""Batch samples by padding (packing: :mod:`mllm_kit.data.packing`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from mllm_kit.batch import IGNORE_INDEX, Batch
 from mllm_kit.data.dataset import Sample
 from mllm_kit.errors import ConfigError
 
+LossWeighting = Literal["token", "sample", "square"]
+
 
 class PadCollator:
     """Pads to the longest sample (optionally a multiple of ``pad_to_multiple_of``).
@@ -20,9 +22,11 @@ class PadCollator:
     teacher's view give the batch its ``teacher`` batch, row for row.
     """
 
-    def __init__(self, pad_token_id: int, padding_side: Literal["right", "left"] = "right", pad_to_multiple_of: int | None = None) -> None:
+    def __init__(self, pad_token_id: int, padding_side: Literal["right", "left"] = "right", pad_to_multiple_of: int | None = None,
+                 loss_weighting: LossWeighting = "token") -> None:
         if padding_side not in ("right", "left"):
             raise ConfigError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
+        self.loss_weighting = loss_weighting
         self.pad_token_id = int(pad_token_id)
         self.padding_side = padding_side
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -54,19 +58,18 @@ class PadCollator:
             labels[row, cols] = s.labels
             attention_mask[row, cols] = 1
         instruction_ids = instruction_mask = None
-        if samples[0].instruction_ids is not None:  # right-padded whatever the sequence's padding side: only a mean reads it
-            width = max(1, max(len(s.instruction_ids) for s in samples))
-            instruction_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
-            instruction_mask = torch.zeros((n, width), dtype=torch.bool)
-            for row, s in enumerate(samples):
-                instruction_ids[row, : len(s.instruction_ids)] = s.instruction_ids
-                instruction_mask[row, : len(s.instruction_ids)] = True
+        if samples[0].instruction_ids is not None:
+            instruction_ids, instruction_mask = instruction_rows(samples, self.pad_token_id)
         images = [s.pixel_values for s in samples if s.pixel_values is not None]
         crops = [s.crop_pixel_values for s in samples if s.crop_pixel_values is not None]
+        rows = torch.arange(n).unsqueeze(1).expand(n, longest)
+        weights, weight_sum = loss_weights(labels, rows, n, self.loss_weighting)
         return Batch(
             input_ids=input_ids,
             labels=labels,
             attention_mask=attention_mask,
+            loss_weights=weights,
+            loss_weight_sum=weight_sum,
             pixel_values=torch.cat(images) if images else None,
             images_per_sample=[0 if s.pixel_values is None else int(s.pixel_values.shape[0]) for s in samples],
             num_image_tokens=sum(s.num_image_tokens for s in samples),
@@ -78,3 +81,36 @@ class PadCollator:
             instruction_ids=instruction_ids,
             instruction_mask=instruction_mask,
         )
+
+
+def instruction_rows(samples: Sequence[Sample], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's ``instruction_ids`` as ``[S, L]`` ids and mask, right-padded whatever the sequence's padding side
+    (only a mean reads them)."""
+    width = max(1, max(len(s.instruction_ids) for s in samples))
+    ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.bool)
+    for row, s in enumerate(samples):
+        ids[row, : len(s.instruction_ids)] = s.instruction_ids
+        mask[row, : len(s.instruction_ids)] = True
+    return ids, mask
+
+
+
+def loss_weights(labels: torch.Tensor, segments: torch.Tensor, num_samples: int,
+                 weighting: LossWeighting) -> tuple[torch.Tensor | None, float | None]:
+    """Per-position target weights ``[B, T]`` and their sum for ``weighting`` (``token``: ``(None, None)``).
+
+    Sample i with nᵢ supervised targets gets 1/nᵢ per target (``sample``: each sample's mean counts once) or 1/√nᵢ
+    (``square``, InternVL's ``loss_reduction``); ``segments`` ``[B, T]`` names each position's sample. A weight sits at
+    the label's position, as ``labels`` does (position t's prediction is scored against label t + 1).
+    """
+    if weighting == "token":
+        return None, None
+    if weighting not in ("sample", "square"):
+        raise ConfigError(f"data.loss_weighting must be token, sample or square, got {weighting!r}.")
+    supervised = labels != IGNORE_INDEX
+    supervised[:, 0] = False  # no position predicts a row's first label
+    counts = torch.bincount(segments[supervised], minlength=num_samples).double()
+    per_sample = torch.where(counts > 0, counts.rsqrt() if weighting == "square" else counts.reciprocal(), 0.0)
+    weights = torch.where(supervised, per_sample[segments], 0.0).float()
+    return weights, float((per_sample * counts).sum())

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from mllm_kit.batch import IGNORE_INDEX
 from mllm_kit.data.formats import Record, load_records
 from mllm_kit.data.templates import Turn
-from mllm_kit.data.images import load_image
+from mllm_kit.data.images import image_size, load_image
 from mllm_kit.data.conversation import ConversationEncoder, Truncation, truncate
 from mllm_kit.data.transforms import BaseTransform, CropGridTransform, ImageViews
 from mllm_kit.errors import DataError
@@ -94,6 +94,7 @@ class LlavaDataset(Dataset[Sample]):
         self.preference = preference
         self.num_trimmed = 0
         self.num_dropped = 0
+        self._packed_sizes: list[tuple[int, int] | None] | None = None
 
     @property
     def encoder(self) -> ConversationEncoder:
@@ -213,6 +214,22 @@ class LlavaDataset(Dataset[Sample]):
             image_sizes=[images[p].size for p in kept],
             instruction_ids=torch.tensor(view.encoder.encode_instruction(turns), dtype=torch.long) if view.instruction else None,
         )
+
+    def packed_sizes(self) -> list[tuple[int, int] | None]:
+        """Each record's exact ``(tokens, images)`` as :meth:`__getitem__` encodes it, or ``None`` where truncation
+        drops it — what packing budgets rows with. Tokenises every record once (memoised); no pixels are decoded (an
+        encoder whose token count follows the image size reads the image headers)."""
+        if self._packed_sizes is None:
+            if self.prompt or self.preference or self.teacher is not None:
+                raise DataError(f"{self.path}: packing applies to training samples in the model's own view only "
+                                f"(no prompts, preference pairs or teacher view).")
+            out: list[tuple[int, int] | None] = []
+            for r in self.records:
+                sizes = [image_size(self.image_root / p, r.ref) for p in r.images] if self.encoder.dynamic else None
+                fitted = truncate(self.encoder.encode(r.turns, sizes), self.max_length, self.truncation)
+                out.append(None if fitted is None else (len(fitted.input_ids), len(fitted.image_spans)))
+            self._packed_sizes = out
+        return self._packed_sizes
 
     def modality_lengths(self) -> list[int]:
         """Estimated token lengths without tokenising: positive for samples with images, negative for text-only."""

@@ -96,6 +96,14 @@ class SynthConfig:
             object.__setattr__(self, "radius", tuple(self.radius))
         self._validate()
 
+    def key(self) -> dict[str, Any]:
+        """The config as its cache key: every field, except options added later while at their default (so caches and
+        the numbers measured on them keep their keys)."""
+        out = asdict(self)
+        if out["palette"] == "standard":
+            del out["palette"]
+        return out
+
     def _radius_range(self) -> str:
         """The radii allowed at this image_size and these tasks, for error messages."""
         size = self.image_size
@@ -233,7 +241,7 @@ def _build_split(split: str, config: SynthConfig, image_dir: Path) -> list[dict[
 
 def _manifest(config: SynthConfig) -> dict[str, Any]:
     # Round-trip through JSON so tuples compare equal to the lists read back from disk.
-    return json.loads(json.dumps({"generator": GENERATOR, "format_version": FORMAT_VERSION, "config": asdict(config)}))
+    return json.loads(json.dumps({"generator": GENERATOR, "format_version": FORMAT_VERSION, "config": config.key()}))
 
 
 def _read_manifest(root: Path) -> dict[str, Any] | None:

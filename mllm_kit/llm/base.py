@@ -54,7 +54,9 @@ class LanguageModel(nn.Module):
     def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None, output_hidden_states: bool = False):
         """The decoder without its LM head: ``[B, T, D]`` embeddings → ``BaseModelOutput`` whose ``last_hidden_state``
-        ``[B, T, D]`` is after the final norm; :meth:`head` turns it into logits."""
+        ``[B, T, D]`` is after the final norm; :meth:`head` turns it into logits. Packed rows (``attention_mask`` None,
+        ``position_ids`` restarting per sample) are isolated by transformers only without a cache, hence ``use_cache``
+        False."""
         return self.model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                         use_cache=False, output_hidden_states=output_hidden_states)
 

@@ -67,19 +67,20 @@ class InstructionGate(nn.Module):
         self.weight = nn.Parameter(torch.randn(hidden_size, num_experts))
         self.top_k, self.second_policy, self.second_threshold = top_k, second_policy, second_threshold
         self.temperature, self.noise = temperature, noise
-        self.gates: torch.Tensor | None = None  # [B, 1, E] for the current forward
+        self.gates: torch.Tensor | None = None  # [B, 1, E] (packed rows: [B, T, E]) for the current forward
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.metrics: dict[str, torch.Tensor] = {}
 
-    def set_context(self, embeds: torch.Tensor, mask: torch.Tensor) -> None:
-        """``embeds [B, T, D]`` token embeddings, ``mask [B, T]`` the instruction tokens."""
+    def set_context(self, embeds: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor | None = None) -> None:
+        """``embeds [S, L, D]`` token embeddings, ``mask [S, L]`` the instruction tokens, one row per sample; for packed
+        rows ``segments [B, T]`` names each position's sample, so every sample keeps its own gate."""
         m = mask.to(embeds.dtype).unsqueeze(-1)
         pooled = (embeds * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)  # mean over the instruction tokens
         logits = pooled.float() @ self.weight.float() / self.temperature  # = mean of per-token logits (linear)
         if self.training and self.noise > 0:
             logits = logits + self.noise * torch.randn_like(logits)
         gates = top_k_gate(logits, self.top_k, self.second_policy, self.second_threshold, self.training)
-        self.gates = gates.unsqueeze(1)
+        self.gates = gates.unsqueeze(1) if segments is None else gates[segments]
         self.metrics = {"lora_moe_load": gates.detach().mean(dim=0)}
 
 

@@ -68,12 +68,20 @@ def chunked_sum(fn: Callable[..., torch.Tensor], *rows: torch.Tensor, chunk_size
 
 
 def head_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
-                       count: int | None = None, chunk_size: int = CHUNK_SIZE) -> tuple[torch.Tensor, int | torch.Tensor]:
+                       count: int | None = None, chunk_size: int = CHUNK_SIZE,
+                       weights: torch.Tensor | None = None) -> tuple[torch.Tensor, int | torch.Tensor]:
     """Next-token cross-entropy summed over supervised positions → ``(loss_sum, M)``; equals
-    :func:`~mllm_kit.objectives.base.shifted_token_ce` on the full logits, without materialising them."""
+    :func:`~mllm_kit.objectives.base.shifted_token_ce` on the full logits, without materialising them. ``weights``
+    ``[B, T]`` (at the labels' positions, :attr:`~mllm_kit.batch.Batch.loss_weights`) weigh each target's term."""
     index, targets = next_token_rows(labels, count)
+    if weights is None:
+        def ce(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
 
-    def ce(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
+        return chunked_sum(ce, gather(hidden, index), targets, chunk_size=chunk_size), index.shape[0]
 
-    return chunked_sum(ce, gather(hidden, index), targets, chunk_size=chunk_size), index.shape[0]
+    def weighted_ce(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return (torch.nn.functional.cross_entropy(head(h).float(), y, reduction="none") * w).sum()
+
+    w = weights.reshape(-1).index_select(0, index + 1).float()
+    return chunked_sum(weighted_ce, gather(hidden, index), targets, w, chunk_size=chunk_size), w.sum()

@@ -5,16 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import lightning as L
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from mllm_kit.batch import Batch
 from mllm_kit.data.collate import PadCollator
-from mllm_kit.data.dataset import LlavaDataset, View
+from mllm_kit.data.dataset import LlavaDataset, Sample, View
+from mllm_kit.data.packing import PackCollator, first_fit_decreasing
 from mllm_kit.data.sampler import grouped_indices
 from mllm_kit.data.synthetic import generate
 from mllm_kit.data.templates import get_template
@@ -32,7 +33,7 @@ class StepBatch(NamedTuple):
     """A training micro-batch and the supervised-token count of its whole optimiser step on this rank."""
 
     batch: Batch
-    step_loss_tokens: int
+    step_loss_tokens: float  # Σ target weights (:attr:`Batch.loss_total`): the token count under token weighting
 
 
 def check_source(spec: DataSpec, key: str, where: str = "data") -> None:
@@ -56,7 +57,7 @@ def resolve_source(spec: DataSpec, data_root: Path, key: str, where: str = "data
     check_source(spec, key, where)
     source = getattr(spec, key)
     if source.startswith(SYNTHETIC):
-        digest = hashlib.sha1(json.dumps(asdict(spec.synthetic), sort_keys=True).encode()).hexdigest()[:10]
+        digest = hashlib.sha1(json.dumps(spec.synthetic.key(), sort_keys=True).encode()).hexdigest()[:10]
         paths = generate(data_root / f"synthetic-{digest}", spec.synthetic)
         return getattr(paths, source[len(SYNTHETIC) :]), paths.image_root
     path = Path(source)
@@ -92,17 +93,28 @@ def build_dataset(model: MLLM, spec: DataSpec, data_root: Path, split: str = "tr
                         prompt=prompt, instruction=view.instruction, teacher=teacher, preference=preference)
 
 
+@dataclass(frozen=True)
+class Packing:
+    """Row budgets of a packed loader (``data.packing``): tokens (``data.max_length``), images, and the FFD buffer."""
+
+    max_tokens: int
+    max_images: int | None = None
+    buffer: int = 4096
+
+
 class StepLoader:
     """Yields :class:`StepBatch` micro-batches, ``accumulate`` per optimiser step, with the step's supervised-token count.
 
     The order is a deterministic function of (seed, epoch); where an epoch resumes is derived from the
     trainer's optimiser-step count, so a resumed run sees exactly the batches an uninterrupted one would.
     Each rank takes its slice of every length-grouped mega-batch; epochs hold whole optimiser steps only.
+    With ``packing`` a micro-batch is ``micro_batch_size`` packed rows: each epoch's shuffled samples are packed by
+    first-fit-decreasing, the rows shuffled, and each rank takes its slice of every ``micro × world`` rows.
     """
 
-    def __init__(self, dataset: LlavaDataset, collate: PadCollator, micro_batch_size: int, accumulate: int,
+    def __init__(self, dataset: LlavaDataset, collate: PadCollator | PackCollator, micro_batch_size: int, accumulate: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, group_by_modality: bool = True, group_size: int = 1,
-                 num_workers: int = 0, steps_done: Callable[[], int] = lambda: 0) -> None:
+                 num_workers: int = 0, steps_done: Callable[[], int] = lambda: 0, packing: Packing | None = None) -> None:
         self.dataset = dataset
         self.collate = collate
         self.micro = micro_batch_size
@@ -114,30 +126,68 @@ class StepLoader:
         self.group_size = group_size
         self.num_workers = num_workers
         self.steps_done = steps_done
-        self.lengths = dataset.modality_lengths()
-        self.steps_per_epoch = len(self.lengths) // (self.micro * self.world) // self.accumulate
+        self.packing = packing
+        self._epoch_batches: dict[int, list] = {}
+        if packing is not None:
+            self.sizes = dataset.packed_sizes()
+            self._check_budgets(packing)
+            units, what = len(self.micro_batches(0)) * self.micro * self.world, "packed rows"
+        else:
+            self.lengths = dataset.modality_lengths()
+            units, what = len(self.lengths), "samples"
+        self.steps_per_epoch = units // (self.micro * self.world) // self.accumulate
         if self.steps_per_epoch == 0:
             raise ConfigError(
-                f"{dataset.path}: {len(self.lengths)} samples are fewer than one global batch "
+                f"{dataset.path}: {units} {what} are fewer than one global batch "
                 f"({self.micro} × {self.world} ranks × {self.accumulate} accumulation)."
             )
+
+    def _check_budgets(self, packing: Packing) -> None:
+        for record, size in zip(self.dataset.records, self.sizes):
+            if size is not None and packing.max_images is not None and size[1] > packing.max_images:
+                raise ConfigError(f"{record.ref}: {size[1]} images, more than a packed row holds (data.packing_max_images="
+                                  f"{packing.max_images}); raise data.packing_max_images to at least {size[1]}.")
+        if all(size is None for size in self.sizes):
+            raise ConfigError(f"{self.dataset.path}: truncation drops every sample (data.max_length={self.dataset.max_length}); "
+                              f"nothing to pack.")
 
     def __len__(self) -> int:
         return self.steps_per_epoch * self.accumulate
 
-    def micro_batches(self, epoch: int) -> list[list[int]]:
+    def micro_batches(self, epoch: int) -> list:
+        """This rank's micro-batches of ``epoch``: lists of sample indices, or with packing lists of rows (tuples)."""
+        if epoch in self._epoch_batches:
+            return self._epoch_batches[epoch]
         import torch
 
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = grouped_indices(self.lengths, self.micro, self.world, g, self.group_by_modality, self.group_size)
         mega = self.micro * self.world
+        if self.packing is not None:
+            p = self.packing
+            rows = first_fit_decreasing(self.sizes, torch.randperm(len(self.sizes), generator=g).tolist(), p.max_tokens,
+                                        p.max_images, p.buffer)
+            order = [tuple(rows[k]) for k in torch.randperm(len(rows), generator=g).tolist()]
+        else:
+            order = grouped_indices(self.lengths, self.micro, self.world, g, self.group_by_modality, self.group_size)
         batches = [order[i + self.rank * self.micro : i + (self.rank + 1) * self.micro] for i in range(0, len(order) - mega + 1, mega)]
-        return batches[: len(self)]
+        keep = len(batches) // self.accumulate * self.accumulate if self.packing is not None else len(self)
+        self._epoch_batches = {epoch: batches[:keep]}  # one epoch at a time: the resumed epoch, then the next
+        return self._epoch_batches[epoch]
+
+    def _position(self, done: int) -> tuple[int, int]:
+        """(epoch, step within it) after ``done`` optimiser steps; packed epochs may differ in length."""
+        if self.packing is None:
+            return divmod(done, self.steps_per_epoch)
+        epoch = 0
+        while done >= (steps := len(self.micro_batches(epoch)) // self.accumulate):
+            done, epoch = done - steps, epoch + 1
+        return epoch, done
 
     def __iter__(self) -> Iterator[StepBatch]:
-        epoch, step = divmod(self.steps_done(), self.steps_per_epoch)
+        epoch, step = self._position(self.steps_done())
         batches = self.micro_batches(epoch)[step * self.accumulate :]
-        loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers,
+        dataset = _Rows(self.dataset) if self.packing is not None else self.dataset
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers,
                             persistent_workers=False)
         it = iter(loader)
         while True:
@@ -147,9 +197,22 @@ class StepLoader:
                     window.append(next(it))
                 except StopIteration:
                     return
-            tokens = sum(b.num_loss_tokens for b in window)  # preference rows included: those objectives average pairs
+            tokens = sum(b.loss_total for b in window)  # preference rows included: those objectives average pairs
             for b in window:
                 yield StepBatch(b, tokens)
+
+
+class _Rows(Dataset):
+    """A packed loader's dataset: a row's tuple of indices → its samples."""
+
+    def __init__(self, dataset: LlavaDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, row: tuple[int, ...]) -> list[Sample]:
+        return [self.dataset[i] for i in row]
 
 
 class MLLMDataModule(L.LightningDataModule):
@@ -182,12 +245,18 @@ class MLLMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> StepLoader:
         trainer = self.trainer
-        return StepLoader(
-            self.dataset, PadCollator(self.model.tokenizer.pad_token_id), self.micro_batch_size, self.accumulate,
-            rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1, seed=self.seed,
-            group_by_modality=self.spec.group_by_modality, group_size=self.spec.length_group_size, num_workers=self.spec.num_workers,
-            steps_done=(lambda: trainer.global_step) if trainer else (lambda: 0),
-        )
+        if trainer is None:
+            return self._loader()
+        return self._loader(trainer.global_rank, trainer.world_size, lambda: trainer.global_step)
+
+    def _loader(self, rank: int = 0, world_size: int = 1, steps_done: Callable[[], int] = lambda: 0) -> StepLoader:
+        spec, pad = self.spec, self.model.tokenizer.pad_token_id
+        packing = Packing(spec.max_length, spec.packing_max_images, spec.packing_buffer) if spec.packing else None
+        collate = (PackCollator(pad, spec.max_length, loss_weighting=spec.loss_weighting) if packing
+                   else PadCollator(pad, loss_weighting=spec.loss_weighting))
+        return StepLoader(self.dataset, collate, self.micro_batch_size, self.accumulate, rank=rank, world_size=world_size,
+                          seed=self.seed, group_by_modality=spec.group_by_modality, group_size=spec.length_group_size,
+                          num_workers=spec.num_workers, steps_done=steps_done, packing=packing)
 
     def val_dataloader(self) -> list[DataLoader]:
         """[held-out loss batches, generation prompts], the first ``eval.max_samples`` samples of each."""
@@ -198,6 +267,9 @@ class MLLMDataModule(L.LightningDataModule):
                 DataLoader(_first(self.eval_prompts, limit), batch_size=size, collate_fn=PromptCollator(pad, self.tasks))]
 
     def steps_per_epoch(self, world_size: int) -> int:
+        """Optimiser steps in one epoch (packed: in epoch 0, whose packing the other epochs' lengths follow closely)."""
+        if self.spec.packing:
+            return self._loader(world_size=world_size).steps_per_epoch
         return len(self.dataset) // (self.micro_batch_size * world_size) // self.accumulate
 
 
