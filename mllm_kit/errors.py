@@ -29,6 +29,10 @@ class DataError(MllmKitError, ValueError):
     """A data file or sample is malformed."""
 
 
+class ImageError(DataError):
+    """A sample's image is missing or cannot be decoded (the dataset may skip the sample)."""
+
+
 def did_you_mean(name: str, options: Iterable[str]) -> str:
     """``" Did you mean 'x'?"`` for the closest option, or ``""`` when nothing is close."""
     match = difflib.get_close_matches(str(name), list(options), n=1, cutoff=0.5)

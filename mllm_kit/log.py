@@ -1,4 +1,5 @@
-"""The one logging helper: ``get_logger(__name__)`` everywhere, rich output on a terminal.
+"""The one logging helper: ``get_logger(__name__)`` everywhere, rich output on a terminal; :func:`progress` is the
+one progress bar for work outside training (data conversion, indexing).
 
 Configuring it also silences the tqdm bars of transformers ("Loading weights", "Writing model shards") and
 huggingface_hub (downloads), so a run's console shows the log and the trainer's one progress display. Set
@@ -10,8 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 _ROOT = "mllm_kit"
+T = TypeVar("T")
 _configured = False
 
 
@@ -55,3 +59,17 @@ def get_logger(name: str) -> logging.Logger:
     if not name.startswith(_ROOT):
         name = f"{_ROOT}.{name}"
     return logging.getLogger(name)
+
+
+def progress(items: Sequence[T], description: str) -> Iterator[T]:
+    """Iterate ``items`` with a progress bar on a terminal; elsewhere (logs, CI) one line at the start and the end."""
+    _configure()
+    logger = logging.getLogger(_ROOT)
+    if sys.stderr.isatty():
+        from rich.progress import track
+
+        yield from track(items, description=description, total=len(items), console=None, transient=True)
+        return
+    logger.info("%s: %d items", description, len(items))
+    yield from items
+    logger.info("%s: done", description)

@@ -131,6 +131,13 @@ def _components(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_convert(args: argparse.Namespace) -> int:
+    from mllm_kit.data.shards import convert
+
+    convert(args.data, args.image_root, args.out, args.samples_per_shard, args.prefix)
+    return 0
+
+
 def _data_synth(args: argparse.Namespace) -> int:
     from mllm_kit.data.synthetic import SynthConfig, generate, parse_radius
 
@@ -213,6 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--palette", default="standard", choices=["standard", "isoluminant"],
                    help="shape colours; isoluminant: one luminance, so grayscale cannot tell them apart")
     p.set_defaults(func=_data_synth)
+
+    p = data.add_parser("convert", help="write LLaVA JSON/JSONL + an image folder as WebDataset tar shards")
+    p.add_argument("--to", required=True, choices=["wds"], help="the output format")
+    p.add_argument("--data", required=True, help="LLaVA JSON or JSONL file")
+    p.add_argument("--image-root", help="folder the samples' image paths are relative to (default: the data file's)")
+    p.add_argument("--out", required=True, help="output directory (shards and manifest.json)")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--prefix", default="train", help="shard name prefix: PREFIX-000000.tar, ...")
+    p.set_defaults(func=_data_convert)
 
     p = data.add_parser("inspect", help="show encoded samples of a recipe's stage with supervised spans marked")
     p.add_argument("--recipe", required=True)

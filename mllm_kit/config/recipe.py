@@ -27,8 +27,18 @@ class ModelSpec:
 
 
 @dataclass
+class ShardSource:
+    """``{format: wds, urls: "shards/train-{000000..000127}.tar"}``: WebDataset tar shards written by ``mllm-kit data
+    convert --to wds`` (brace ranges expand; patterns join with ``::``; local files only)."""
+
+    format: Literal["wds"] = "wds"
+    urls: str = ""
+
+
+@dataclass
 class DataSpec:
-    """``train``/``eval``: a LLaVA JSON/JSONL path, or ``synthetic:align|sft|eval|preference``; a stage with ``eval`` data reports
+    """``train``/``eval``: a LLaVA JSON/JSONL path, ``synthetic:align|sft|eval|preference``, or WebDataset shards
+    (:class:`ShardSource`); a stage with ``eval`` data reports
     held-out loss and generation accuracy on it (see ``trainer.val_every_n_steps``), and the last stage's ``eval`` is
     what ``mllm-kit fit`` evaluates after training; without it nothing is evaluated. ``image_mode`` overrides the
     encoder's resize mode for this data (LLaVA-1.5 pads to square only in SFT). ``system_prompt`` replaces the
@@ -38,11 +48,12 @@ class DataSpec:
     ``packing``: micro-batches are rows of up to ``max_length`` tokens, each holding several whole samples that attend
     only to themselves (:mod:`mllm_kit.data.packing`); ``micro_batch_size`` / ``global_batch_size`` then count rows.
     ``packing_max_images`` caps the images per row (None: no cap), ``packing_buffer`` is how many shuffled samples
-    first-fit-decreasing sorts at once. ``loss_weighting``: how the LM loss weighs samples — ``token`` (every supervised
+    first-fit-decreasing sorts at once. ``max_bad_fraction``: samples whose image cannot be read are skipped and
+    logged, up to this fraction of the data (0.1 %); one more is an error. ``loss_weighting``: how the LM loss weighs samples — ``token`` (every supervised
     token alike, LLaVA's), ``sample`` (each sample's mean, alike), ``square`` (InternVL's: tokens weighted 1/√nᵢ)."""
 
-    train: str | None = None
-    eval: str | None = None
+    train: str | ShardSource | None = None
+    eval: str | ShardSource | None = None
     image_root: str | None = None
     template: str = "chatml"
     system_prompt: str | None = None
@@ -56,6 +67,7 @@ class DataSpec:
     packing_max_images: int | None = None
     packing_buffer: int = 4096
     loss_weighting: Literal["token", "sample", "square"] = "token"
+    max_bad_fraction: float = 0.001
     synthetic: SynthConfig = field(default_factory=SynthConfig)
 
 

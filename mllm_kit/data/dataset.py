@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -11,10 +12,10 @@ from torch.utils.data import Dataset
 from mllm_kit.batch import IGNORE_INDEX
 from mllm_kit.data.formats import Record, load_records
 from mllm_kit.data.templates import Turn
-from mllm_kit.data.images import image_size, load_image
+from mllm_kit.data.images import FolderImages
 from mllm_kit.data.conversation import ConversationEncoder, Truncation, truncate
 from mllm_kit.data.transforms import BaseTransform, CropGridTransform, ImageViews
-from mllm_kit.errors import DataError
+from mllm_kit.errors import DataError, ImageError
 from mllm_kit.log import get_logger
 
 log = get_logger(__name__)
@@ -64,7 +65,8 @@ class LlavaDataset(Dataset[Sample]):
     sample is replaced by the next one, and both events are counted and logged. ``instruction`` adds each
     sample's ``instruction_ids``. ``teacher``: a distillation teacher's view; every sample is encoded for it too, with
     ``max_length`` widened by its extra image tokens, and must supervise exactly the student's tokens.
-    ``preference``: samples are ``chosen``/``rejected`` pairs (DPO, KTO-pair).
+    ``preference``: samples are ``chosen``/``rejected`` pairs (DPO, KTO-pair). ``images``: where image names resolve
+    (``load(name, ref)``, ``size(name, ref)``; default the files under ``image_root``, or indexed tar shards).
     """
 
     def __init__(
@@ -80,9 +82,12 @@ class LlavaDataset(Dataset[Sample]):
         instruction: bool = False,
         teacher: View | None = None,
         preference: bool = False,
+        images: Any = None,
+        max_bad_fraction: float = 0.001,
     ) -> None:
         self.path = str(path)
         self.image_root = Path(image_root) if image_root is not None else Path(path).parent
+        self.images = images if images is not None else FolderImages(self.image_root)  # load(name, ref), size(name, ref)
         self.records = records if records is not None else load_records(path)
         if not self.records:
             raise DataError(f"data file {self.path!r} holds no samples.")
@@ -94,6 +99,8 @@ class LlavaDataset(Dataset[Sample]):
         self.preference = preference
         self.num_trimmed = 0
         self.num_dropped = 0
+        self.bad: set[int] = set()  # records skipped for an unreadable image
+        self.max_bad_fraction = max_bad_fraction
         self._packed_sizes: list[tuple[int, int] | None] | None = None
 
     @property
@@ -111,11 +118,34 @@ class LlavaDataset(Dataset[Sample]):
         tried = min(MAX_SKIPS, len(self.records))
         longest = 0
         for step in range(tried):
-            sample = self._encode(self.records[(index + step) % len(self.records)])
+            sample = self.get(index + step)
             if isinstance(sample, Sample):
                 return sample
-            longest = max(longest, sample)
+            longest = max(longest, sample or 0)
         raise self._all_dropped(index, tried, longest)
+
+    @property
+    def num_bad(self) -> int:
+        return len(self.bad)
+
+    def get(self, index: int) -> Sample | int | None:
+        """Record ``index`` encoded: a :class:`Sample`, its token length when truncation drops it, or ``None`` when an
+        image of it cannot be read — skipped, counted and logged; more than ``max_bad_fraction`` of the records
+        (in this process) is an error."""
+        index %= len(self.records)
+        if index in self.bad:
+            return None
+        record = self.records[index]
+        try:
+            return self._encode(record)
+        except ImageError as err:
+            self.bad.add(index)
+            limit = self.max_bad_fraction * len(self.records)
+            log.warning("%s: skipped (%s; %d bad samples so far)", record.ref, err, self.num_bad)
+            if self.num_bad > limit:
+                raise DataError(f"{self.path}: {self.num_bad} samples with unreadable images, more than data.max_bad_fraction="
+                                f"{self.max_bad_fraction} of {len(self.records)}; the last: {err}") from None
+            return None
 
     def _all_dropped(self, index: int, tried: int, longest: int) -> DataError:
         total = len(self.records)
@@ -179,7 +209,7 @@ class LlavaDataset(Dataset[Sample]):
         if view.encoder.dynamic:  # each image's token count follows from its size: decode the images first
             for p in record.images:
                 if p not in images:
-                    images[p] = load_image(self.image_root / p, record.ref)
+                    images[p] = self.images.load(p, record.ref)
             sizes = [images[p].size for p in record.images]
         encoded = view.encoder.encode_prompt(turns, sizes) if self.prompt else view.encoder.encode(turns, sizes)
         fitted = truncate(encoded, max_length, self.truncation)
@@ -196,7 +226,7 @@ class LlavaDataset(Dataset[Sample]):
         if kept:
             for p in kept:
                 if p not in images:
-                    images[p] = load_image(self.image_root / p, record.ref)
+                    images[p] = self.images.load(p, record.ref)
             views = [view.image_transform(images[p]) for p in kept]
             if isinstance(views[0], ImageViews):  # a connector that also reads a high-resolution view (DeepStack, AnyRes)
                 pixel_values = torch.stack([v.global_view for v in views])
@@ -225,7 +255,7 @@ class LlavaDataset(Dataset[Sample]):
                                 f"(no prompts, preference pairs or teacher view).")
             out: list[tuple[int, int] | None] = []
             for r in self.records:
-                sizes = [image_size(self.image_root / p, r.ref) for p in r.images] if self.encoder.dynamic else None
+                sizes = [self.images.size(p, r.ref) for p in r.images] if self.encoder.dynamic else None
                 fitted = truncate(self.encoder.encode(r.turns, sizes), self.max_length, self.truncation)
                 out.append(None if fitted is None else (len(fitted.input_ids), len(fitted.image_spans)))
             self._packed_sizes = out

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
-from mllm_kit.errors import DataError
+from mllm_kit.errors import ImageError
 
 T = TypeVar("T")
 
@@ -26,9 +26,22 @@ def image_size(path: str | Path, ref: str) -> tuple[int, int]:
 def _read(path: str | Path, ref: str, what: Callable[[Image.Image], T]) -> T:
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{ref}: image file {str(path)!r} not found (check 'image_root' and the sample's 'image').")
+        raise ImageError(f"{ref}: image file {str(path)!r} not found (check 'image_root' and the sample's 'image').")
     try:
         with Image.open(path) as image:
             return what(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{ref}: image file {str(path)!r} cannot be read as an image ({err}).") from None
+        raise ImageError(f"{ref}: image file {str(path)!r} cannot be read as an image ({err}).") from None
+
+
+class FolderImages:
+    """Images as files under ``root`` (LLaVA JSON's ``image`` paths are relative to it)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def load(self, name: str, ref: str) -> Image.Image:
+        return load_image(self.root / name, ref)
+
+    def size(self, name: str, ref: str) -> tuple[int, int]:
+        return image_size(self.root / name, ref)

@@ -17,11 +17,12 @@ from mllm_kit.data.collate import PadCollator
 from mllm_kit.data.dataset import LlavaDataset, Sample, View
 from mllm_kit.data.packing import PackCollator, first_fit_decreasing
 from mllm_kit.data.sampler import grouped_indices
+from mllm_kit.data.shards import check_urls, read_shards
 from mllm_kit.data.synthetic import generate
 from mllm_kit.data.templates import get_template
 from mllm_kit.data.conversation import ConversationEncoder
-from mllm_kit.config.recipe import DataSpec, EvalSpec
-from mllm_kit.errors import ConfigError
+from mllm_kit.config.recipe import DataSpec, EvalSpec, ShardSource
+from mllm_kit.errors import ConfigError, DataError
 from mllm_kit.model import MLLM
 from mllm_kit.training.evaluate import PromptCollator
 
@@ -37,10 +38,16 @@ class StepBatch(NamedTuple):
 
 
 def check_source(spec: DataSpec, key: str, where: str = "data") -> None:
-    """A data source names a synthetic split, or a file that exists with an image root that exists."""
+    """A data source names a synthetic split, shards that exist, or a file that exists with an image root that exists."""
     source = getattr(spec, key)
     if source is None:
         raise ConfigError(f"{where}.{key}: no data given; set a LLaVA JSON/JSONL path or synthetic:sft.")
+    if isinstance(source, ShardSource):
+        try:
+            check_urls(source.urls, f"{where}.{key}.urls")
+        except DataError as err:
+            raise ConfigError(str(err)) from None
+        return
     if source.startswith(SYNTHETIC):
         if source[len(SYNTHETIC) :] not in SYNTHETIC_SPLITS:
             raise ConfigError(f"{where}.{key}: {source!r} — the synthetic splits are "
@@ -87,10 +94,16 @@ def teacher_view(student: MLLM, teacher: MLLM, spec: DataSpec, template: str | N
 
 def build_dataset(model: MLLM, spec: DataSpec, data_root: Path, split: str = "train", prompt: bool = False,
                   teacher: View | None = None, preference: bool = False) -> LlavaDataset:
-    path, image_root = resolve_source(spec, data_root, split)
     view = model_view(model, spec)
-    return LlavaDataset(path, image_root, view.encoder, view.image_transform, max_length=spec.max_length, truncation=spec.truncation,
-                        prompt=prompt, instruction=view.instruction, teacher=teacher, preference=preference)
+    options = dict(max_length=spec.max_length, truncation=spec.truncation, prompt=prompt, instruction=view.instruction,
+                   teacher=teacher, preference=preference, max_bad_fraction=spec.max_bad_fraction)
+    source = getattr(spec, split)
+    if isinstance(source, ShardSource):
+        check_source(spec, split)
+        records, images = read_shards(check_urls(source.urls, f"data.{split}.urls"))
+        return LlavaDataset(source.urls, None, view.encoder, view.image_transform, records=records, images=images, **options)
+    path, image_root = resolve_source(spec, data_root, split)
+    return LlavaDataset(path, image_root, view.encoder, view.image_transform, **options)
 
 
 @dataclass(frozen=True)
@@ -212,7 +225,8 @@ class _Rows(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, row: tuple[int, ...]) -> list[Sample]:
-        return [self.dataset[i] for i in row]
+        samples = [self.dataset.get(i) for i in row]
+        return [s for s in samples if isinstance(s, Sample)]  # a sample with an unreadable image leaves the row (logged)
 
 
 class MLLMDataModule(L.LightningDataModule):
