@@ -57,30 +57,36 @@ class PadCollator:
             input_ids[row, cols] = s.input_ids
             labels[row, cols] = s.labels
             attention_mask[row, cols] = 1
-        instruction_ids = instruction_mask = None
-        if samples[0].instruction_ids is not None:
-            instruction_ids, instruction_mask = instruction_rows(samples, self.pad_token_id)
-        images = [s.pixel_values for s in samples if s.pixel_values is not None]
-        crops = [s.crop_pixel_values for s in samples if s.crop_pixel_values is not None]
         rows = torch.arange(n).unsqueeze(1).expand(n, longest)
-        weights, weight_sum = loss_weights(labels, rows, n, self.loss_weighting)
-        return Batch(
-            input_ids=input_ids,
-            labels=labels,
-            attention_mask=attention_mask,
-            loss_weights=weights,
-            loss_weight_sum=weight_sum,
-            pixel_values=torch.cat(images) if images else None,
-            images_per_sample=[0 if s.pixel_values is None else int(s.pixel_values.shape[0]) for s in samples],
-            num_image_tokens=sum(s.num_image_tokens for s in samples),
-            sample_ids=[s.id for s in samples],
-            num_loss_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
-            crop_pixel_values=torch.cat(crops) if crops else None,
-            crop_grids=[g for s in samples for g in s.crop_grids],
-            image_sizes=[size for s in samples for size in s.image_sizes],
-            instruction_ids=instruction_ids,
-            instruction_mask=instruction_mask,
-        )
+        return Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+                     **sample_fields(samples, labels, rows, self.pad_token_id, self.loss_weighting))
+
+
+def sample_fields(samples: Sequence[Sample], labels: torch.Tensor, segments: torch.Tensor, pad_token_id: int,
+                  weighting: LossWeighting) -> dict:
+    """The :class:`Batch` fields that follow from the samples alone, padded or packed: images and crops in sample
+    order, per-sample counts and ids, instruction rows, the supervised-token count and the loss weights
+    (``segments`` ``[B, T]``: each position's sample)."""
+    images = [s.pixel_values for s in samples if s.pixel_values is not None]
+    crops = [s.crop_pixel_values for s in samples if s.crop_pixel_values is not None]
+    instruction_ids = instruction_mask = None
+    if samples[0].instruction_ids is not None:
+        instruction_ids, instruction_mask = instruction_rows(samples, pad_token_id)
+    weights, weight_sum = loss_weights(labels, segments, len(samples), weighting)
+    return dict(
+        loss_weights=weights,
+        loss_weight_sum=weight_sum,
+        pixel_values=torch.cat(images) if images else None,
+        images_per_sample=[0 if s.pixel_values is None else int(s.pixel_values.shape[0]) for s in samples],
+        num_image_tokens=sum(s.num_image_tokens for s in samples),
+        sample_ids=[s.id for s in samples],
+        num_loss_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
+        crop_pixel_values=torch.cat(crops) if crops else None,
+        crop_grids=[g for s in samples for g in s.crop_grids],
+        image_sizes=[size for s in samples for size in s.image_sizes],
+        instruction_ids=instruction_ids,
+        instruction_mask=instruction_mask,
+    )
 
 
 def instruction_rows(samples: Sequence[Sample], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mllm_kit.batch import IGNORE_INDEX, Batch
-from mllm_kit.data.collate import LossWeighting, instruction_rows, loss_weights
+from mllm_kit.data.collate import LossWeighting, sample_fields
 from mllm_kit.data.dataset import Sample
 from mllm_kit.errors import ConfigError
 
@@ -98,29 +98,5 @@ class PackCollator:
                 at, k = at + n, k + 1
             position_ids[r, at:] = torch.arange(width - at)
             segments[r, at:] = k - 1
-        images = [s.pixel_values for s in samples if s.pixel_values is not None]
-        crops = [s.crop_pixel_values for s in samples if s.crop_pixel_values is not None]
-        instruction_ids = instruction_mask = None
-        if samples[0].instruction_ids is not None:
-            instruction_ids, instruction_mask = instruction_rows(samples, self.pad_token_id)
-        weights, weight_sum = loss_weights(labels, segments, len(samples), self.loss_weighting)
-        return Batch(
-            input_ids=input_ids,
-            labels=labels,
-            attention_mask=None,
-            loss_weights=weights,
-            loss_weight_sum=weight_sum,
-            pixel_values=torch.cat(images) if images else None,
-            images_per_sample=[0 if s.pixel_values is None else int(s.pixel_values.shape[0]) for s in samples],
-            num_image_tokens=sum(s.num_image_tokens for s in samples),
-            position_ids=position_ids,
-            seq_lens=lengths,
-            segments=segments,
-            sample_ids=[s.id for s in samples],
-            num_loss_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
-            crop_pixel_values=torch.cat(crops) if crops else None,
-            crop_grids=[g for s in samples for g in s.crop_grids],
-            image_sizes=[size for s in samples for size in s.image_sizes],
-            instruction_ids=instruction_ids,
-            instruction_mask=instruction_mask,
-        )
+        return Batch(input_ids=input_ids, labels=labels, attention_mask=None, position_ids=position_ids, seq_lens=lengths,
+                     segments=segments, **sample_fields(samples, labels, segments, self.pad_token_id, self.loss_weighting))
