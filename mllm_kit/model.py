@@ -107,6 +107,13 @@ class MLLM(nn.Module):
         return cls(enc, conn, lm)
 
     # -- saving and loading ----------------------------------------------------------------------
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute every LLM block in backward, and every encoder block when the encoder trains (a frozen one keeps
+        no activations for backward anyway)."""
+        self.llm.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if any(p.requires_grad for p in self.encoder.parameters()):
+            self.encoder.enable_activation_checkpointing()
+
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the model atomically (:func:`mllm_kit.saving.save_mllm` says what goes where)."""
         return save_mllm(self, directory)

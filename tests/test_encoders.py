@@ -404,3 +404,28 @@ def test_a_convnext_llava_trains_and_reloads(tmp_path):
     model.save_pretrained(tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(MLLM.from_pretrained(tmp_path / "m")(batch).logits, model(batch).logits)
+
+
+@pytest.mark.parametrize("family", ["timm_vit", "clip"])
+def test_activation_checkpointing_recomputes_a_trainable_encoder_with_equal_gradients(family):
+    from mllm_kit import MLLM
+    from mllm_kit.config import resolve_model
+    from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec
+
+    model = MLLM.build(resolve_model(tiny_encoder_spec(family), "mlp2x_gelu", tiny_llm_spec("llama"))).train()
+    for p in model.encoder.parameters():
+        p.requires_grad_(True)
+    pixels = torch.randn(model.encoder.dummy_pixels("cpu").shape, generator=torch.Generator().manual_seed(0))
+
+    def grads():
+        model.zero_grad()
+        model.encode_images(pixels).tokens.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.encoder.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.enable_activation_checkpointing()
+    assert model.encoder.checkpoint_blocks and (family != "clip" or model.encoder.model.is_activation_checkpointing)
+    recomputed = grads()
+    assert plain.keys() == recomputed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -23,7 +23,8 @@ def test_readme_tour_runs(tmp_path):
     tour = _blocks("python")[0]
     result = subprocess.run([sys.executable, "-c", tour], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[0] == "64"
+    # (DeepSpeed, where installed, logs an accelerator line to stdout when transformers imports it)
+    assert [line for line in result.stdout.splitlines() if not line.startswith("[")][0] == "64"
     assert (tmp_path / "data" / "synthetic" / "sft.json").is_file()
 
 

@@ -19,7 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mllm_kit.config.presets import preset_path, read_yaml
-from mllm_kit.config.recipe import DataSpec, ModelSpec, OptimSpec, Recipe, RecipeSpec, Stage, TeacherSpec, TrainerSpec
+from mllm_kit.config.recipe import (
+    FSDP_PRECISIONS, LIGHTNING_STRATEGIES, SHARDED_STRATEGIES, DataSpec, ModelSpec, OptimSpec, Recipe, RecipeSpec, Stage,
+    TeacherSpec, TrainerSpec,
+)
 from mllm_kit.config.resolve import check_template, expand, resolve_component, resolve_named
 from mllm_kit.config.validate import to_dict, validate
 from mllm_kit.errors import ConfigError, did_you_mean
@@ -229,12 +232,18 @@ def _resolve_stage(spec: RecipeSpec, index: int) -> Stage:
     optim = _merge(spec.optim, s.optim, OptimSpec, f"{where}.optim")
     trainer = _merge(spec.trainer, s.trainer, TrainerSpec, f"{where}.trainer")
     _check_optim(optim, f"{where}.optim")
+    _check_trainer(trainer, f"{where}.trainer")
     check_template(data.template, f"{where}.data.template")
     transforms = [resolve_named(TRANSFORMS, t, f"{where}.transforms[{k}]") for k, t in enumerate(s.transforms)]
     objective = resolve_named(OBJECTIVES, s.objective, f"{where}.objective")
     model, init_from = _resolve_start(spec, index)
     teacher = _resolve_teacher(spec, index)
     _check_packing(data, objective, teacher, f"{where}.data")
+    _check_sources(data, f"{where}.data")
+    if teacher is not None and trainer.strategy in ("fsdp", "deepspeed_stage_3"):
+        # The teacher is replicated on every rank; with sharded parameters that path has not been tested yet.
+        raise ConfigError(f"{where}.trainer.strategy: a stage with a teacher runs under ddp or deepspeed_stage_1/2, not "
+                          f"{trainer.strategy!r} yet. Set {where}.trainer.strategy: deepspeed_stage_2.")
     return Stage(s.name, s.trainable, transforms, objective, s.aux_loss_coef, data, optim, trainer, model, init_from, teacher,
                  s.pre_align, dict(s.init_members))
 
@@ -245,6 +254,21 @@ def _merge(base: Any, override: dict[str, Any], schema: type, path: str) -> Any:
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: {err}") from None
     return validate(merged, schema, path)
+
+
+def _check_sources(data: DataSpec, path: str) -> None:
+    if data.sources is None:
+        return
+    if data.train is not None:
+        raise ConfigError(f"{path}: gives both train and sources; sources replaces train (a weighted mixture of trains): "
+                          f"set {path}.train: null where sources is set.")
+    if not data.sources:
+        raise ConfigError(f"{path}.sources: an empty list; list sources as {{train: PATH, weight: W}}, or set {path}.train.")
+    for k, source in enumerate(data.sources):
+        if not source.train:
+            raise ConfigError(f"{path}.sources[{k}].train: no data given; set a LLaVA JSON/JSONL path, shards or synthetic:sft.")
+        if not source.weight > 0:
+            raise ConfigError(f"{path}.sources[{k}].weight: must be positive, got {source.weight}.")
 
 
 def _check_packing(data: DataSpec, objective: dict[str, Any], teacher: TeacherSpec | None, path: str) -> None:
@@ -258,6 +282,21 @@ def _check_packing(data: DataSpec, objective: dict[str, Any], teacher: TeacherSp
             what = "a teacher" if teacher is not None else f"objective {objective.get('name')!r}"
             raise ConfigError(f"{path}.{key}: is supported with objective lm and no teacher; this stage has {what}. "
                               f"Set {path}.{key}: {'false' if key == 'packing' else 'token'}.")
+
+
+def _check_trainer(trainer: TrainerSpec, path: str) -> None:
+    """Recipe-load check of ``trainer.strategy`` and the options that go with it."""
+    known = (*LIGHTNING_STRATEGIES, *SHARDED_STRATEGIES)
+    if trainer.strategy not in known:
+        raise ConfigError(f"{path}.strategy: unknown strategy {trainer.strategy!r}; choose one of {', '.join(known)}.")
+    if trainer.strategy == "fsdp" and trainer.precision not in FSDP_PRECISIONS:
+        raise ConfigError(f"{path}.precision: {trainer.precision!r} is not supported with strategy fsdp; choose one of "
+                          f"{', '.join(FSDP_PRECISIONS)} (FSDP2 keeps fp32 gradient reduction under bf16).")
+    if trainer.offload_optimizer and not trainer.strategy.startswith("deepspeed"):
+        raise ConfigError(f"{path}.offload_optimizer: needs a DeepSpeed strategy (deepspeed_stage_1/2/3), "
+                          f"not {trainer.strategy!r}.")
+    if trainer.offload_parameters and trainer.strategy not in ("fsdp", "deepspeed_stage_3"):
+        raise ConfigError(f"{path}.offload_parameters: needs strategy fsdp or deepspeed_stage_3, not {trainer.strategy!r}.")
 
 
 def _check_optim(optim: OptimSpec, path: str) -> None:

@@ -36,6 +36,16 @@ class ShardSource:
 
 
 @dataclass
+class WeightedSource:
+    """One source of a weighted mixture (``data.sources``): a LLaVA JSON/JSONL path, a synthetic split or shards, its
+    image folder, and its share of every epoch (weights are normalised over the sources)."""
+
+    train: str | ShardSource = ""
+    weight: float = 1.0
+    image_root: str | None = None
+
+
+@dataclass
 class DataSpec:
     """``train``/``eval``: a LLaVA JSON/JSONL path, ``synthetic:align|sft|eval|preference``, or WebDataset shards
     (:class:`ShardSource`); a stage with ``eval`` data reports
@@ -50,9 +60,14 @@ class DataSpec:
     ``packing_max_images`` caps the images per row (None: no cap), ``packing_buffer`` is how many shuffled samples
     first-fit-decreasing sorts at once. ``max_bad_fraction``: samples whose image cannot be read are skipped and
     logged, up to this fraction of the data (0.1 %); one more is an error. ``loss_weighting``: how the LM loss weighs samples — ``token`` (every supervised
-    token alike, LLaVA's), ``sample`` (each sample's mean, alike), ``square`` (InternVL's: tokens weighted 1/√nᵢ)."""
+    token alike, LLaVA's), ``sample`` (each sample's mean, alike), ``square`` (InternVL's: tokens weighted 1/√nᵢ).
+
+    ``sources`` (instead of ``train``): a weighted mixture. An epoch holds as many samples as all sources together;
+    source i gives round(wᵢ/Σw · N) of them, drawn without replacement (a source repeats only once it is used up;
+    docs/data.md)."""
 
     train: str | ShardSource | None = None
+    sources: list[WeightedSource] | None = None
     eval: str | ShardSource | None = None
     image_root: str | None = None
     template: str = "chatml"
@@ -99,14 +114,21 @@ class OptimSpec:
         return self.global_batch_size // per_step
 
 
+LIGHTNING_STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_true")
+SHARDED_STRATEGIES = ("fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
+FSDP_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+
+
 @dataclass
 class TrainerSpec:
     precision: str = "32-true"
     accelerator: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
-    strategy: str = "auto"
-    activation_checkpointing: bool = False
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | ... | fsdp | deepspeed_stage_{1,2,3} (docs/scaling.md)
+    offload_optimizer: bool = False  # DeepSpeed: optimiser states on CPU
+    offload_parameters: bool = False  # fsdp / deepspeed_stage_3: parameters on CPU between uses
+    activation_checkpointing: bool = False  # recompute each transformer block (LLM, and a trainable encoder) in backward
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 500
     val_every_n_steps: int | None = None  # optimiser steps between validation runs on data.eval (None: at the end only)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from mllm_kit.data.transforms import ImageTransform
@@ -80,6 +81,23 @@ class VisionEncoder(nn.Module):
         self.select_feature = select_feature
         self.drop_first_patch = drop_first_patch
         self.frozen = frozen
+        self.checkpoint_blocks = False
+
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each block's activations in backward instead of storing them (``trainer.activation_checkpointing``;
+        it saves memory only where the encoder trains)."""
+        self.checkpoint_blocks = True
+
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """``(module, parameter)`` pairs where ``module``'s forward reads a parameter it does not own (timm's cls token
+        and ``pos_embed``, read by ``VisionTransformer._pos_embed``): ZeRO-3 gathers a parameter only around its own
+        module's forward and backward, so training/strategies.py registers these with the module that reads them."""
+        return []
+
+    def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_blocks and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return block(x)
 
     def finish_init(self) -> None:
         """Validate options against the built backbone; subclasses call this at the end of ``__init__``."""

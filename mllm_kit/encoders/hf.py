@@ -97,6 +97,10 @@ class HFVisionEncoder(VisionEncoder):
         )
         self.finish_init()
 
+    def enable_activation_checkpointing(self) -> None:
+        super().enable_activation_checkpointing()
+        self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
     def save_pretrained(self, directory: Path, weights: bool = True) -> dict[str, Any]:
         if weights:
             self.model.save_pretrained(directory)

@@ -142,6 +142,10 @@ class MixtureEncoder(VisionEncoder):
     def dummy_pixels(self, device: torch.device | str) -> torch.Tensor:
         return torch.zeros(1, sum(c * h * w for c, h, w in self._pixel_shapes), device=device, dtype=self.dtype)
 
+    def enable_activation_checkpointing(self) -> None:
+        for member in self.members.values():
+            member.enable_activation_checkpointing()
+
     def save_pretrained(self, directory: Path, weights: bool = True) -> dict[str, Any]:
         members = {}
         for name, member in self.members.items():

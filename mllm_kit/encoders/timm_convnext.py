@@ -74,7 +74,7 @@ class TimmConvNeXtEncoder(VisionEncoder):
         x = self.model.stem(pixel_values)
         maps = [x]
         for stage in self.model.stages:
-            x = stage(x)
+            x = self.run_block(stage, x)
             maps.append(x)
         maps[-1] = self.model.norm_pre(maps[-1])  # Identity in ConvNeXt; forward_features ends with it
         return tuple(f.flatten(2).transpose(1, 2) for f in maps)  # [n, C, H, W] → [n, H·W, C]

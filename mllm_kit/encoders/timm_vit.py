@@ -52,6 +52,7 @@ class TimmVisionEncoder(VisionEncoder):
         self.image_size = m.patch_embed.img_size[0]
         self.num_prefix_tokens = m.num_prefix_tokens
         self.layer_cls = type(m.blocks[0])
+        self.embed_positions = _PosEmbed(m)
         cfg = m.pretrained_cfg
         self.image_transform = ImageTransform(
             size=self.image_size,
@@ -73,11 +74,27 @@ class TimmVisionEncoder(VisionEncoder):
     def blocks(self) -> nn.Sequential:
         return self.model.blocks
 
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        return [(self.embed_positions, p) for p in self.model.parameters(recurse=False)]
+
     def backbone_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         m = self.model
-        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(pixel_values))))
+        x = m.norm_pre(m.patch_drop(self.embed_positions(m.patch_embed(pixel_values))))
         states = [x]
         for block in m.blocks:
-            x = block(x)
+            x = self.run_block(block, x)
             states.append(x)
         return tuple(states)
+
+
+class _PosEmbed(nn.Module):
+    """timm's ``VisionTransformer._pos_embed`` (prefix tokens + position embeddings) as a module call of its own, with a
+    tensor output, so that ZeRO-3 can gather the ViT's own parameters around it in forward and backward. Holds no
+    parameters (the state dict is unchanged)."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["vit"] = vit  # not a child: the ViT is registered once, under the encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit._pos_embed(x)

@@ -74,14 +74,20 @@ class InstructionGate(nn.Module):
     def set_context(self, embeds: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor | None = None) -> None:
         """``embeds [S, L, D]`` token embeddings, ``mask [S, L]`` the instruction tokens, one row per sample; for packed
         rows ``segments [B, T]`` names each position's sample, so every sample keeps its own gate."""
+        # Through the module call, keeping what it returns: ZeRO-3 gathers the weight in the forward hooks and hooks the
+        # returned tensor to gather it again in backward.
+        self.gates = self(embeds, mask, segments)
+
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """The gates ``[S, 1, E]`` (packed rows: ``[B, T, E]``); :meth:`set_context` stores them for the LoRA-MoE layers."""
         m = mask.to(embeds.dtype).unsqueeze(-1)
         pooled = (embeds * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)  # mean over the instruction tokens
         logits = pooled.float() @ self.weight.float() / self.temperature  # = mean of per-token logits (linear)
         if self.training and self.noise > 0:
             logits = logits + self.noise * torch.randn_like(logits)
         gates = top_k_gate(logits, self.top_k, self.second_policy, self.second_threshold, self.training)
-        self.gates = gates.unsqueeze(1) if segments is None else gates[segments]
         self.metrics = {"lora_moe_load": gates.detach().mean(dim=0)}
+        return gates.unsqueeze(1) if segments is None else gates[segments]
 
 
 class LoRAMoELinear(nn.Module):

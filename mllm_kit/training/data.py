@@ -18,13 +18,17 @@ from mllm_kit.data.dataset import LlavaDataset, Sample, View
 from mllm_kit.data.packing import PackCollator, first_fit_decreasing
 from mllm_kit.data.sampler import grouped_indices
 from mllm_kit.data.shards import check_urls, read_shards
+from mllm_kit.data.sources import SourceMixture
 from mllm_kit.data.synthetic import generate
 from mllm_kit.data.templates import get_template
 from mllm_kit.data.conversation import ConversationEncoder
 from mllm_kit.config.recipe import DataSpec, EvalSpec, ShardSource
 from mllm_kit.errors import ConfigError, DataError
+from mllm_kit.log import get_logger
 from mllm_kit.model import MLLM
 from mllm_kit.training.evaluate import PromptCollator
+
+log = get_logger(__name__)
 
 SYNTHETIC = "synthetic:"
 SYNTHETIC_SPLITS = ("align", "sft", "eval", "preference")
@@ -38,9 +42,17 @@ class StepBatch(NamedTuple):
 
 
 def check_source(spec: DataSpec, key: str, where: str = "data") -> None:
-    """A data source names a synthetic split, shards that exist, or a file that exists with an image root that exists."""
-    source = getattr(spec, key)
-    if source is None:
+    """A data source names a synthetic split, shards that exist, or a file that exists with an image root that exists;
+    ``train`` may instead be a weighted mixture of such sources (``data.sources``)."""
+    if key == "train" and spec.sources is not None:  # shares and exclusivity are checked at recipe load
+        for k, source in enumerate(spec.sources):
+            _check_one(source.train, source.image_root, f"{where}.sources[{k}]", "train")
+        return
+    _check_one(getattr(spec, key), spec.image_root, where, key)
+
+
+def _check_one(source: str | ShardSource | None, image_root: str | None, where: str, key: str) -> None:
+    if source is None or source == "":
         raise ConfigError(f"{where}.{key}: no data given; set a LLaVA JSON/JSONL path or synthetic:sft.")
     if isinstance(source, ShardSource):
         try:
@@ -55,20 +67,23 @@ def check_source(spec: DataSpec, key: str, where: str = "data") -> None:
         return
     if not Path(source).is_file():
         raise ConfigError(f"{where}.{key}: file {source!r} does not exist.")
-    if spec.image_root is not None and not Path(spec.image_root).is_dir():
-        raise ConfigError(f"{where}.image_root: folder {spec.image_root!r} (images of {source!r}) does not exist.")
+    if image_root is not None and not Path(image_root).is_dir():
+        raise ConfigError(f"{where}.image_root: folder {image_root!r} (images of {source!r}) does not exist.")
 
 
 def resolve_source(spec: DataSpec, data_root: Path, key: str, where: str = "data") -> tuple[Path, Path]:
     """(json path, image root) of ``spec.train`` or ``spec.eval``: a file, or a synthetic split (generated here)."""
     check_source(spec, key, where)
-    source = getattr(spec, key)
+    return _resolve(spec, getattr(spec, key), spec.image_root, data_root)
+
+
+def _resolve(spec: DataSpec, source: str, image_root: str | None, data_root: Path) -> tuple[Path, Path]:
     if source.startswith(SYNTHETIC):
         digest = hashlib.sha1(json.dumps(spec.synthetic.key(), sort_keys=True).encode()).hexdigest()[:10]
         paths = generate(data_root / f"synthetic-{digest}", spec.synthetic)
         return getattr(paths, source[len(SYNTHETIC) :]), paths.image_root
     path = Path(source)
-    return path, Path(spec.image_root) if spec.image_root else path.parent
+    return path, Path(image_root) if image_root else path.parent
 
 
 def conversation_encoder(model: MLLM, spec: DataSpec, template: str | None = None) -> ConversationEncoder:
@@ -93,17 +108,25 @@ def teacher_view(student: MLLM, teacher: MLLM, spec: DataSpec, template: str | N
 
 
 def build_dataset(model: MLLM, spec: DataSpec, data_root: Path, split: str = "train", prompt: bool = False,
-                  teacher: View | None = None, preference: bool = False) -> LlavaDataset:
+                  teacher: View | None = None, preference: bool = False) -> LlavaDataset | SourceMixture:
     view = model_view(model, spec)
     options = dict(max_length=spec.max_length, truncation=spec.truncation, prompt=prompt, instruction=view.instruction,
                    teacher=teacher, preference=preference, max_bad_fraction=spec.max_bad_fraction)
-    source = getattr(spec, split)
-    if isinstance(source, ShardSource):
-        check_source(spec, split)
-        records, images = read_shards(check_urls(source.urls, f"data.{split}.urls"))
-        return LlavaDataset(source.urls, None, view.encoder, view.image_transform, records=records, images=images, **options)
-    path, image_root = resolve_source(spec, data_root, split)
-    return LlavaDataset(path, image_root, view.encoder, view.image_transform, **options)
+    check_source(spec, split)
+
+    def one(source: str | ShardSource, image_root: str | None, where: str) -> LlavaDataset:
+        if isinstance(source, ShardSource):
+            records, images = read_shards(check_urls(source.urls, f"{where}.urls"))
+            return LlavaDataset(source.urls, None, view.encoder, view.image_transform, records=records, images=images, **options)
+        path, root = _resolve(spec, source, image_root, data_root)
+        return LlavaDataset(path, root, view.encoder, view.image_transform, **options)
+
+    if split == "train" and spec.sources is not None:
+        mixture = SourceMixture([one(s.train, s.image_root, f"data.sources[{k}].train") for k, s in enumerate(spec.sources)],
+                                [s.weight for s in spec.sources])
+        log.info("data.sources: %s", mixture.describe())
+        return mixture
+    return one(getattr(spec, split), spec.image_root, f"data.{split}")
 
 
 @dataclass(frozen=True)
@@ -175,13 +198,18 @@ class StepLoader:
 
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         mega = self.micro * self.world
+        # A weighted mixture draws the epoch's samples first (indices may repeat); a plain dataset is read once each.
+        pool = self.dataset.epoch_pool(g) if isinstance(self.dataset, SourceMixture) else None
         if self.packing is not None:
             p = self.packing
-            rows = first_fit_decreasing(self.sizes, torch.randperm(len(self.sizes), generator=g).tolist(), p.max_tokens,
-                                        p.max_images, p.buffer)
+            shuffled = torch.randperm(len(self.sizes) if pool is None else len(pool), generator=g).tolist()
+            candidates = shuffled if pool is None else [pool[k] for k in shuffled]
+            rows = first_fit_decreasing(self.sizes, candidates, p.max_tokens, p.max_images, p.buffer)
             order = [tuple(rows[k]) for k in torch.randperm(len(rows), generator=g).tolist()]
         else:
-            order = grouped_indices(self.lengths, self.micro, self.world, g, self.group_by_modality, self.group_size)
+            lengths = self.lengths if pool is None else [self.lengths[i] for i in pool]
+            order = grouped_indices(lengths, self.micro, self.world, g, self.group_by_modality, self.group_size)
+            order = order if pool is None else [pool[k] for k in order]
         batches = [order[i + self.rank * self.micro : i + (self.rank + 1) * self.micro] for i in range(0, len(order) - mega + 1, mega)]
         keep = len(batches) // self.accumulate * self.accumulate if self.packing is not None else len(self)
         self._epoch_batches = {epoch: batches[:keep]}  # one epoch at a time: the resumed epoch, then the next

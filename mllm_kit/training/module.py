@@ -29,6 +29,7 @@ from mllm_kit.objectives.lm import LMObjective
 from mllm_kit.training.data import StepBatch
 from mllm_kit.training.evaluate import GenerationAccuracy, PromptBatch, generate_answers
 from mllm_kit.training.optim import build_optimizer, build_scheduler
+from mllm_kit.training.strategies import full_parameters
 from mllm_kit.training.teacher import Teacher
 
 def score(model: MLLM, objective: Objective, batch: Batch, normalizer: float | None,
@@ -103,7 +104,8 @@ class MLLMModule(L.LightningModule):
     # -- held-out data: loss (dataloader 0) and generation accuracy (dataloader 1) ----------------
     def validation_step(self, batch: Batch | PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if isinstance(batch, PromptBatch):
-            predictions = generate_answers(self.model, batch.batch, self.eval_spec.max_new_tokens, self.stop_token_ids)
+            with full_parameters(self.model):
+                predictions = generate_answers(self.model, batch.batch, self.eval_spec.max_new_tokens, self.stop_token_ids)
             self.accuracy.update(predictions, batch.targets, batch.tasks)
             return
         parts, _, _ = score(self.model, self.val_objective, batch, None)
@@ -116,6 +118,12 @@ class MLLMModule(L.LightningModule):
         result = self.accuracy.compute()
         self.log_dict({f"val/{k}": v for k, v in result.items()}, add_dataloader_idx=False)
         self.accuracy.reset()
+
+    def configure_model(self) -> None:
+        # Sharded strategies (training/strategies.py) split the model here, before the optimiser is built.
+        shard = getattr(self.trainer.strategy, "shard", None)
+        if shard is not None:
+            shard(self.model)
 
     # -- the teacher: on the stage's device, recorded in every checkpoint ----------------------------
     def on_fit_start(self) -> None:

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from mllm_kit.config.recipe import Recipe, Stage
+from mllm_kit.config.recipe import SHARDED_STRATEGIES, Recipe, Stage
 from mllm_kit.errors import ConfigError
 from mllm_kit.log import get_logger
 from mllm_kit.model import MLLM
@@ -32,6 +33,7 @@ from mllm_kit.training.module import MLLMModule
 from mllm_kit.training.preflight import bind, check_run, check_static
 from mllm_kit.training.stage import apply_transforms, stage_model, world_size
 from mllm_kit.training.state import LAST_CKPT, RunState, write_recipe
+from mllm_kit.training.strategies import build_strategy, full_state_dict, materialize
 from mllm_kit.training.teacher import Teachers
 from mllm_kit.training.trainable import apply_trainable, format_table
 
@@ -51,7 +53,8 @@ def make_trainer(stage: Stage, stage_dir: Path | None, *, max_steps: int = -1, a
         from lightning.pytorch.callbacks import RichProgressBar
 
         callbacks.append(RichProgressBar(leave=True))
-    common = dict(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
+    strategy = build_strategy(t, world_size(t)) if stage_dir is not None else "auto"
+    common = dict(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy, precision=t.precision,
                   deterministic=t.deterministic, enable_model_summary=False, enable_progress_bar=t.progress, num_sanity_val_steps=0)
     if stage_dir is None:  # evaluation: one process on the stage's accelerator (no launcher for a CLI command)
         common.update(devices=1, num_nodes=1, strategy="auto")
@@ -70,7 +73,8 @@ def make_trainer(stage: Stage, stage_dir: Path | None, *, max_steps: int = -1, a
     return L.Trainer(
         max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=accumulate, gradient_clip_val=o.grad_clip or None,
         callbacks=callbacks, logger=[CSVLogger(stage_dir, name="logs", version=""), TensorBoardLogger(stage_dir, name="logs", version="")],
-        log_every_n_steps=t.log_every_n_steps, use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
+        log_every_n_steps=t.log_every_n_steps, use_distributed_sampler=False,
+        plugins=[] if t.strategy in SHARDED_STRATEGIES else [AtomicCheckpointIO()],  # sharded ones write their own
         default_root_dir=stage_dir, **validation, **common,
     )
 
@@ -98,7 +102,7 @@ def prepare_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, re
     counts = apply_trainable(model, stage.trainable, where=f"{where}.trainable")
     log.info("%s", format_table(counts, f"stage {stage.name!r}: parameters"))
     if stage.trainer.activation_checkpointing:
-        model.llm.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_activation_checkpointing()
 
     teacher = (teachers or Teachers(recipe, state, [index])).get(index)
     objective = OBJECTIVES.build(stage.objective)
@@ -118,7 +122,7 @@ def prepare_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, re
         raise ConfigError(f"{where}.trainer: devices={stage.trainer.devices!r} × num_nodes={stage.trainer.num_nodes} gave "
                           f"{trainer.world_size} processes, not the {world} the batch arithmetic assumed; give devices as a number.")
     ckpt = stage_dir / "checkpoints" / LAST_CKPT
-    ckpt_path = str(ckpt) if resume and ckpt.is_file() else None
+    ckpt_path = str(ckpt) if resume and ckpt.exists() else None  # a file, or a sharded strategy's directory
     log.info("stage %s: %d steps (%d per epoch), global batch %d = %d × %d ranks × %d accumulation%s%s", stage.name, total_steps,
              per_epoch, stage.optim.global_batch_size, stage.optim.micro_batch_size, world, accumulate,
              f", distilling from the {teacher.spec.form} teacher" + (" (own view of the data)" if view else "") if teacher else "",
@@ -133,8 +137,19 @@ def run_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, resume
     if prepared.trainer.is_global_zero:
         state.mark(name, status="running")
     prepared.model.train()
-    prepared.trainer.fit(prepared.module, datamodule=prepared.data, ckpt_path=prepared.ckpt_path)
+    try:
+        prepared.trainer.fit(prepared.module, datamodule=prepared.data, ckpt_path=prepared.ckpt_path)
+    except RuntimeError as err:
+        if "Missing key in checkpoint state_dict: optimizer" not in str(err):
+            raise
+        raise ConfigError(f"stage {name!r}: the sharded checkpoint {prepared.ckpt_path} has no optimiser state for a trainable "
+                          f"parameter ({str(err).split('state.')[-1].rstrip('.')}): it never received a gradient (e.g. a "
+                          f"trainable encoder's blocks after the layer the connector reads). List only the parts that are "
+                          f"used in {name}.trainable (docs/scaling.md).") from None
+    full = full_state_dict(prepared.trainer.strategy, prepared.model)  # collective; None when nothing is sharded
     if prepared.trainer.is_global_zero:
+        if full is not None:
+            materialize(prepared.model, full)
         prepared.model.save_pretrained(prepared.final_dir)
         state.mark(name, status="done", final=str(prepared.final_dir.relative_to(run_dir)), steps=prepared.module.total_steps)
     # Other ranks read the hand-off record only after rank 0 has written it.
@@ -177,6 +192,8 @@ def fit(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, stages: li
         if index in todo:
             run_stage(recipe, index, run_dir, state, resume, model if index == todo[0] else None, teachers)
             teachers.release_after(index)
+    if torch.distributed.is_initialized():  # every stage shares one process group; gloo + DeepSpeed may abort at exit without this
+        torch.distributed.destroy_process_group()
     return state
 
 
