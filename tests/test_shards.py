@@ -65,8 +65,10 @@ def test_training_from_shards_reads_the_same_samples_as_the_json_source(tmp_path
 
 
 def test_bad_shard_sources_fail_with_the_url_or_the_shard(source, tmp_path, tiny_recipe):
-    with pytest.raises(DataError, match="pipe or remote URL"):
+    with pytest.raises(DataError, match="is a pipe URL, which runs a shell command; set data.allow_pipe: true"):
         check_urls("pipe:curl -s http://x/train-{0..3}.tar", "data.train.urls")
+    with pytest.raises(DataError, match="is a remote URL.*pipe:curl -sfL https://x/train-0.tar"):
+        check_urls("https://x/train-{0..3}.tar", "data.train.urls", allow_pipe=True)
     with pytest.raises(DataError, match=r"2 of the 2 shards .* do not exist"):
         check_urls(str(tmp_path / "none-{0..1}.tar"), "data.train.urls")
     bad = tmp_path / "bad.tar"
@@ -98,3 +100,23 @@ def test_unreadable_images_are_skipped_and_counted_up_to_max_bad_fraction(tmp_pa
     assert dataset[3].id == dataset.records[4].id  # the next sample stands in
     with pytest.raises(DataError, match=r"2 samples with unreadable images, more than data.max_bad_fraction=0.05 of 30"):
         dataset[5]
+
+
+def test_pipe_shards_train_with_allow_pipe_from_a_local_cache(source, tmp_path, tiny_recipe):
+    convert(source.sft, source.image_root, tmp_path / "wds", samples_per_shard=16)
+    urls = f"pipe:cat {tmp_path / 'wds'}/train-{{000000..000001}}.tar"
+    recipe = tiny_recipe(global_batch_size=4, micro_batch_size=2, max_steps=2)
+    recipe["stages"] = recipe["stages"][1:]
+    recipe["stages"][0]["data"]["train"] = {"format": "wds", "urls": urls}
+    recipe["stages"][0]["data"]["allow_pipe"] = True
+    stage = prepare_stage(recipe_from_dict(recipe), 0, tmp_path / "run", RunState.load(tmp_path / "run"))
+    assert len(stage.data.dataset) == 30
+    cached = sorted((tmp_path / "run" / "data" / "shards").glob("*.tar"))
+    assert len(cached) == 2
+    assert {p.read_bytes() for p in cached} == {(tmp_path / "wds" / f"train-00000{i}.tar").read_bytes() for i in (0, 1)}
+    failing = {"format": "wds", "urls": "pipe:exit 3"}
+    recipe["stages"][0]["data"]["train"] = failing
+    with pytest.raises(DataError, match="'pipe:exit 3' exited with status 3"):
+        prepare_stage(recipe_from_dict(recipe), 0, tmp_path / "run2", RunState.load(tmp_path / "run2"))
+    assert not list((tmp_path / "run2" / "data" / "shards").glob("*")), "a failed fetch leaves nothing behind"
+

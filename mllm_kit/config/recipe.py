@@ -83,6 +83,7 @@ class DataSpec:
     packing_buffer: int = 4096
     loss_weighting: Literal["token", "sample", "square"] = "token"
     max_bad_fraction: float = 0.001
+    allow_pipe: bool = False  # shard URLs may be `pipe:` shell commands (run once, output cached under the run's data/)
     synthetic: SynthConfig = field(default_factory=SynthConfig)
 
 

@@ -9,7 +9,8 @@ Reading: local shards are *indexed*, not streamed. Opening a shard set reads eve
 image bytes) and every ``.json`` member, so the samples become a map-style dataset whose images are read by offset.
 Everything the JSON path has then holds for shards unchanged: rank and worker splitting by sample index (each sample
 exactly once per epoch across ranks × workers), length grouping, packing, and exact resume from the optimiser step.
-Remote and ``pipe:`` URLs cannot be indexed and are refused.
+Remote URLs are refused; ``pipe:`` commands (``data.allow_pipe: true``) are run once and their output cached locally,
+then indexed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import io
 import json
 import re
+import subprocess
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,18 +56,44 @@ def expand_urls(urls: str) -> list[str]:
     return out
 
 
-def check_urls(urls: str, where: str) -> list[Path]:
-    """The local shard files ``urls`` names; remote and pipe URLs, and patterns that match no file, are errors."""
+def check_urls(urls: str, where: str, allow_pipe: bool = False) -> list[str]:
+    """The shard names ``urls`` expands to, checked: local files must exist; ``pipe:`` commands are allowed only with
+    ``allow_pipe`` (they run a shell command); remote URLs are refused (fetch them through a pipe)."""
     names = expand_urls(urls)
     for name in names:
-        if name.startswith("pipe:") or "://" in name:
-            raise DataError(f"{where}: {name!r} is a pipe or remote URL; shards are read from local files by offset, "
-                            f"which streams cannot give. Copy the shards to a local or mounted filesystem.")
-    missing = [n for n in names if not Path(n).is_file()]
+        if name.startswith("pipe:") and not allow_pipe:
+            raise DataError(f"{where}: {name!r} is a pipe URL, which runs a shell command; set data.allow_pipe: true to "
+                            f"allow it (its output is copied to a local cache, then indexed like a local shard).")
+        if "://" in name and not name.startswith("pipe:"):
+            raise DataError(f"{where}: {name!r} is a remote URL; shards are read from local files by offset. Copy them to "
+                            f"a local or mounted filesystem, or fetch them through a pipe ('pipe:curl -sfL {name}') with "
+                            f"data.allow_pipe: true.")
+    missing = [n for n in names if not n.startswith("pipe:") and not Path(n).is_file()]
     if missing:
         shown = ", ".join(repr(m) for m in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise DataError(f"{where}: {len(missing)} of the {len(names)} shards {urls!r} names do not exist ({shown}).")
-    return [Path(n) for n in names]
+    return names
+
+
+def local_shards(names: Sequence[str], cache: Path, where: str) -> list[Path]:
+    """Local paths of checked shard names: a ``pipe:`` command runs once and its output is kept in ``cache`` under a
+    name derived from the command (written atomically; a later run reuses it)."""
+    paths = []
+    for name in names:
+        if not name.startswith("pipe:"):
+            paths.append(Path(name))
+            continue
+        target = cache / f"{hashlib.sha1(name.encode()).hexdigest()[:16]}.tar"
+        if not target.is_file():
+            command = name[len("pipe:") :]
+            log.info("%s: fetching %s", where, command)
+            with atomic_file(target) as f:
+                done = subprocess.run(command, shell=True, stdout=f, stderr=subprocess.PIPE)
+                if done.returncode != 0:
+                    raise DataError(f"{where}: {name!r} exited with status {done.returncode}: "
+                                    f"{done.stderr.decode(errors='replace').strip()[-500:] or 'no message'}.")
+        paths.append(target)
+    return paths
 
 
 @dataclass(frozen=True)

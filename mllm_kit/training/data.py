@@ -17,7 +17,7 @@ from mllm_kit.data.collate import PadCollator
 from mllm_kit.data.dataset import LlavaDataset, Sample, View
 from mllm_kit.data.packing import PackCollator, first_fit_decreasing
 from mllm_kit.data.sampler import grouped_indices
-from mllm_kit.data.shards import check_urls, read_shards
+from mllm_kit.data.shards import check_urls, local_shards, read_shards
 from mllm_kit.data.sources import SourceMixture
 from mllm_kit.data.synthetic import generate
 from mllm_kit.data.templates import get_template
@@ -46,17 +46,17 @@ def check_source(spec: DataSpec, key: str, where: str = "data") -> None:
     ``train`` may instead be a weighted mixture of such sources (``data.sources``)."""
     if key == "train" and spec.sources is not None:  # shares and exclusivity are checked at recipe load
         for k, source in enumerate(spec.sources):
-            _check_one(source.train, source.image_root, f"{where}.sources[{k}]", "train")
+            _check_one(source.train, source.image_root, f"{where}.sources[{k}]", "train", spec.allow_pipe)
         return
-    _check_one(getattr(spec, key), spec.image_root, where, key)
+    _check_one(getattr(spec, key), spec.image_root, where, key, spec.allow_pipe)
 
 
-def _check_one(source: str | ShardSource | None, image_root: str | None, where: str, key: str) -> None:
+def _check_one(source: str | ShardSource | None, image_root: str | None, where: str, key: str, allow_pipe: bool) -> None:
     if source is None or source == "":
         raise ConfigError(f"{where}.{key}: no data given; set a LLaVA JSON/JSONL path or synthetic:sft.")
     if isinstance(source, ShardSource):
         try:
-            check_urls(source.urls, f"{where}.{key}.urls")
+            check_urls(source.urls, f"{where}.{key}.urls", allow_pipe)
         except DataError as err:
             raise ConfigError(str(err)) from None
         return
@@ -116,7 +116,8 @@ def build_dataset(model: MLLM, spec: DataSpec, data_root: Path, split: str = "tr
 
     def one(source: str | ShardSource, image_root: str | None, where: str) -> LlavaDataset:
         if isinstance(source, ShardSource):
-            records, images = read_shards(check_urls(source.urls, f"{where}.urls"))
+            names = check_urls(source.urls, f"{where}.urls", spec.allow_pipe)
+            records, images = read_shards(local_shards(names, data_root / "shards", f"{where}.urls"))
             return LlavaDataset(source.urls, None, view.encoder, view.image_transform, records=records, images=images, **options)
         path, root = _resolve(spec, source, image_root, data_root)
         return LlavaDataset(path, root, view.encoder, view.image_transform, **options)
