@@ -29,6 +29,7 @@ at a fixed 32 px, on small shapes, 1800 SFT steps. The diagnostics (the native 6
 
     python benchmarks/learning.py --seeds 0 1 2 --mixtures
     python benchmarks/learning.py --root runs/learning-diag anyres_native anyres_short anyres_low_short
+    python benchmarks/learning.py --root runs/learning-diag anyres_half_lr anyres_low_half_lr --seeds 0 1 2
 
 Results go to `runs/learning/<variant>/` (the run) and `runs/learning/results.json`; a Markdown table is printed.
 """
@@ -137,6 +138,11 @@ MIXTURE_DIAGNOSTICS: dict[str, Variant] = {
     "anyres_short": Variant([*_ANYRES_DATA, _ANYRES], "diagnostic: anyres with the quickstart's 900 SFT steps"),
     "anyres_native": Variant(["data.synthetic.tasks=[shape]", "data.synthetic.radius=[6,10]", "stages.sft.optim.max_steps=1800"],
                              "reference: the encoder at the native 64 px (8×8 tokens), same data and steps"),
+    # Is the seed-to-seed spread of the 1800-step rows an optimisation instability? Both arms at half the SFT lr.
+    "anyres_half_lr": Variant([*_ANYRES_DATA, _ANYRES, "stages.sft.optim.max_steps=1800", "stages.sft.optim.lr=5e-4"],
+                              "diagnostic: anyres at half the SFT learning rate"),
+    "anyres_low_half_lr": Variant([*_ANYRES_DATA, "stages.sft.optim.max_steps=1800", "stages.sft.optim.lr=5e-4"],
+                                  "diagnostic: anyres_low at half the SFT learning rate"),
 }
 VARIANTS.update(MIXTURES)
 VARIANTS.update(MIXTURE_DIAGNOSTICS)

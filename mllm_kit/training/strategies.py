@@ -6,8 +6,8 @@
   data-parallel mesh: every transformer block of the encoder (each mixture member's too) and of the LLM is one shard
   unit (the classes the parts declare as ``layer_cls``), everything else (connector, embeddings, head) the root unit.
   Under ``bf16-*`` precision parameters compute in bf16 and gradients reduce in fp32.
-* ``deepspeed_stage_2`` / ``deepspeed_stage_3`` — Lightning's ``DeepSpeedStrategy``, which also runs on CPU over gloo
-  here (tests): DeepSpeed itself supports a CPU accelerator, only Lightning's CUDA checks are skipped.
+* ``deepspeed_stage_1/2/3`` — Lightning's ``DeepSpeedStrategy`` (ZeRO), which also runs on CPU over gloo here (tests):
+  DeepSpeed itself supports a CPU accelerator, only Lightning's CUDA checks are skipped.
 
 Both write sharded checkpoints (each rank its own files, no full gather) into ``last.ckpt/``, atomically: the new
 directory is written beside the old one and swapped in only when every rank has finished. :func:`full_state_dict`
@@ -33,6 +33,7 @@ from mllm_kit.connectors.base import Connector
 from mllm_kit.encoders.base import VisionEncoder
 from mllm_kit.errors import ConfigError
 from mllm_kit.files import replace_dir
+
 
 def build_strategy(trainer: TrainerSpec, world: int) -> str | Strategy:
     """The Lightning strategy for ``trainer`` on ``world`` processes (a name Lightning resolves itself, or an object)."""
@@ -159,7 +160,7 @@ def full_state_dict(strategy: Strategy, model: nn.Module) -> dict[str, torch.Ten
         from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
         full: dict[str, torch.Tensor] = {}
-        # One module's parameters gathered at a time: rank 0 never holds more than the result and one block.
+        # One module at a time: beyond its shard a rank holds one module's parameters (rank 0 also the CPU copy).
         for prefix, module in model.named_modules():
             params = list(module.parameters(recurse=False))
             with GatheredParameters(params, modifier_rank=None):
