@@ -232,7 +232,6 @@ def _resolve_stage(spec: RecipeSpec, index: int) -> Stage:
     optim = _merge(spec.optim, s.optim, OptimSpec, f"{where}.optim")
     trainer = _merge(spec.trainer, s.trainer, TrainerSpec, f"{where}.trainer")
     _check_optim(optim, f"{where}.optim")
-    _check_trainer(trainer, f"{where}.trainer")
     check_template(data.template, f"{where}.data.template")
     transforms = [resolve_named(TRANSFORMS, t, f"{where}.transforms[{k}]") for k, t in enumerate(s.transforms)]
     objective = resolve_named(OBJECTIVES, s.objective, f"{where}.objective")
@@ -240,10 +239,7 @@ def _resolve_stage(spec: RecipeSpec, index: int) -> Stage:
     teacher = _resolve_teacher(spec, index)
     _check_packing(data, objective, teacher, f"{where}.data")
     _check_sources(data, f"{where}.data")
-    if teacher is not None and trainer.strategy in ("fsdp", "deepspeed_stage_3"):
-        # The teacher is replicated on every rank; with sharded parameters that path has not been tested yet.
-        raise ConfigError(f"{where}.trainer.strategy: a stage with a teacher runs under ddp or deepspeed_stage_1/2, not "
-                          f"{trainer.strategy!r} yet. Set {where}.trainer.strategy: deepspeed_stage_2.")
+    _check_trainer(trainer, teacher, f"{where}.trainer")
     return Stage(s.name, s.trainable, transforms, objective, s.aux_loss_coef, data, optim, trainer, model, init_from, teacher,
                  s.pre_align, dict(s.init_members))
 
@@ -284,11 +280,15 @@ def _check_packing(data: DataSpec, objective: dict[str, Any], teacher: TeacherSp
                               f"Set {path}.{key}: {'false' if key == 'packing' else 'token'}.")
 
 
-def _check_trainer(trainer: TrainerSpec, path: str) -> None:
+def _check_trainer(trainer: TrainerSpec, teacher: TeacherSpec | None, path: str) -> None:
     """Recipe-load check of ``trainer.strategy`` and the options that go with it."""
     known = (*LIGHTNING_STRATEGIES, *SHARDED_STRATEGIES)
     if trainer.strategy not in known:
         raise ConfigError(f"{path}.strategy: unknown strategy {trainer.strategy!r}; choose one of {', '.join(known)}.")
+    if teacher is not None and trainer.strategy in ("fsdp", "deepspeed_stage_3"):
+        # The teacher is replicated on every rank; beside sharded parameters that path has not been tested yet.
+        raise ConfigError(f"{path}.strategy: a stage with a teacher runs under ddp or deepspeed_stage_1/2, not "
+                          f"{trainer.strategy!r} yet. Set {path}.strategy: deepspeed_stage_2.")
     if trainer.strategy == "fsdp" and trainer.precision not in FSDP_PRECISIONS:
         raise ConfigError(f"{path}.precision: {trainer.precision!r} is not supported with strategy fsdp; choose one of "
                           f"{', '.join(FSDP_PRECISIONS)} (FSDP2 keeps fp32 gradient reduction under bf16).")

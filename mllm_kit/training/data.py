@@ -17,7 +17,7 @@ from mllm_kit.data.collate import PadCollator
 from mllm_kit.data.dataset import LlavaDataset, Sample, View
 from mllm_kit.data.packing import PackCollator, first_fit_decreasing
 from mllm_kit.data.sampler import grouped_indices
-from mllm_kit.data.shards import check_urls, local_shards, read_shards
+from mllm_kit.data.shards import check_urls, expand_urls, local_shards, read_shards
 from mllm_kit.data.sources import SourceMixture
 from mllm_kit.data.synthetic import generate
 from mllm_kit.data.templates import get_template
@@ -71,12 +71,6 @@ def _check_one(source: str | ShardSource | None, image_root: str | None, where: 
         raise ConfigError(f"{where}.image_root: folder {image_root!r} (images of {source!r}) does not exist.")
 
 
-def resolve_source(spec: DataSpec, data_root: Path, key: str, where: str = "data") -> tuple[Path, Path]:
-    """(json path, image root) of ``spec.train`` or ``spec.eval``: a file, or a synthetic split (generated here)."""
-    check_source(spec, key, where)
-    return _resolve(spec, getattr(spec, key), spec.image_root, data_root)
-
-
 def _resolve(spec: DataSpec, source: str, image_root: str | None, data_root: Path) -> tuple[Path, Path]:
     if source.startswith(SYNTHETIC):
         digest = hashlib.sha1(json.dumps(spec.synthetic.key(), sort_keys=True).encode()).hexdigest()[:10]
@@ -116,7 +110,7 @@ def build_dataset(model: MLLM, spec: DataSpec, data_root: Path, split: str = "tr
 
     def one(source: str | ShardSource, image_root: str | None, where: str) -> LlavaDataset:
         if isinstance(source, ShardSource):
-            names = check_urls(source.urls, f"{where}.urls", spec.allow_pipe)
+            names = expand_urls(source.urls)  # checked above
             records, images = read_shards(local_shards(names, data_root / "shards", f"{where}.urls"))
             return LlavaDataset(source.urls, None, view.encoder, view.image_transform, records=records, images=images, **options)
         path, root = _resolve(spec, source, image_root, data_root)

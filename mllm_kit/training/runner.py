@@ -33,7 +33,7 @@ from mllm_kit.training.module import MLLMModule
 from mllm_kit.training.preflight import bind, check_run, check_static
 from mllm_kit.training.stage import apply_transforms, stage_model, world_size
 from mllm_kit.training.state import LAST_CKPT, RunState, write_recipe
-from mllm_kit.training.strategies import build_strategy, full_state_dict, materialize
+from mllm_kit.training.strategies import build_strategy, consolidate
 from mllm_kit.training.teacher import Teachers
 from mllm_kit.training.trainable import apply_trainable, format_table
 
@@ -53,8 +53,7 @@ def make_trainer(stage: Stage, stage_dir: Path | None, *, max_steps: int = -1, a
         from lightning.pytorch.callbacks import RichProgressBar
 
         callbacks.append(RichProgressBar(leave=True))
-    strategy = build_strategy(t, world_size(t)) if stage_dir is not None else "auto"
-    common = dict(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy, precision=t.precision,
+    common = dict(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
                   deterministic=t.deterministic, enable_model_summary=False, enable_progress_bar=t.progress, num_sanity_val_steps=0)
     if stage_dir is None:  # evaluation: one process on the stage's accelerator (no launcher for a CLI command)
         common.update(devices=1, num_nodes=1, strategy="auto")
@@ -75,7 +74,7 @@ def make_trainer(stage: Stage, stage_dir: Path | None, *, max_steps: int = -1, a
         callbacks=callbacks, logger=[CSVLogger(stage_dir, name="logs", version=""), TensorBoardLogger(stage_dir, name="logs", version="")],
         log_every_n_steps=t.log_every_n_steps, use_distributed_sampler=False,
         plugins=[] if t.strategy in SHARDED_STRATEGIES else [AtomicCheckpointIO()],  # sharded ones write their own
-        default_root_dir=stage_dir, **validation, **common,
+        default_root_dir=stage_dir, strategy=build_strategy(t, world_size(t)), **validation, **common,
     )
 
 
@@ -146,10 +145,8 @@ def run_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, resume
                           f"parameter ({str(err).split('state.')[-1].rstrip('.')}): it never received a gradient (e.g. a "
                           f"trainable encoder's blocks after the layer the connector reads). List only the parts that are "
                           f"used in {name}.trainable (docs/scaling.md).") from None
-    full = full_state_dict(prepared.trainer.strategy, prepared.model)  # collective; None when nothing is sharded
+    consolidate(prepared.trainer.strategy, prepared.model)  # collective: rank 0's model now holds every full weight
     if prepared.trainer.is_global_zero:
-        if full is not None:
-            materialize(prepared.model, full)
         prepared.model.save_pretrained(prepared.final_dir)
         state.mark(name, status="done", final=str(prepared.final_dir.relative_to(run_dir)), steps=prepared.module.total_steps)
     # Other ranks read the hand-off record only after rank 0 has written it.

@@ -10,8 +10,8 @@
   DeepSpeed itself supports a CPU accelerator, only Lightning's CUDA checks are skipped.
 
 Both write sharded checkpoints (each rank its own files, no full gather) into ``last.ckpt/``, atomically: the new
-directory is written beside the old one and swapped in only when every rank has finished. :func:`full_state_dict`
-consolidates the weights on rank 0 for ``final/``. There is no expert parallelism: MoE experts and LoRA-MoE adapters
+directory is written beside the old one and swapped in only when every rank has finished. :func:`consolidate`
+puts the full weights back into the model on rank 0 for ``final/``. There is no expert parallelism: MoE experts and LoRA-MoE adapters
 shard like any other parameter.
 """
 
@@ -147,6 +147,14 @@ def _own_parameters(connector: nn.Module) -> list[nn.Parameter]:
     """Parameters a connector's own modules hold directly (learned queries, position embeddings, the image newline) as
     opposed to those inside torch layers (Linear, LayerNorm, ...)."""
     return [p for m in connector.modules() if not type(m).__module__.startswith("torch.") for p in m.parameters(recurse=False)]
+
+
+def consolidate(strategy: Strategy, model: nn.Module) -> None:
+    """After training under a sharded strategy, put the full weights into ``model`` on rank 0 (for ``final/``); a no-op
+    where nothing is sharded. A collective: every rank calls it."""
+    full = full_state_dict(strategy, model)
+    if full is not None and strategy.is_global_zero:
+        materialize(model, full)
 
 
 def full_state_dict(strategy: Strategy, model: nn.Module) -> dict[str, torch.Tensor] | None:
