@@ -6,7 +6,7 @@ A component registers with a decorator::
     class MLPConnector(Connector): ...
 
 A module placed in one of the component packages (``mllm_kit/encoders``, ``connectors``, ``llm``, ``objectives``,
-and the templates of ``mllm_kit/data/templates.py``) is imported the first time any registry is read, so it registers
+the templates of ``mllm_kit/data/templates.py`` and the benches of ``mllm_kit/evaluation/benches.py``) is imported the first time any registry is read, so it registers
 without being listed anywhere. Other packages register through the ``mllm_kit.components`` entry-point group: each
 entry point names a module that is imported then (its decorators register its components)::
 
@@ -35,7 +35,8 @@ TARGET_KEY = "_target_"
 NAME_KEY = "name"
 ENTRY_POINT_GROUP = "mllm_kit.components"
 # Where built-in components live; every module in these packages is imported on the first registry read.
-COMPONENT_PACKAGES = ("mllm_kit.encoders", "mllm_kit.connectors", "mllm_kit.llm", "mllm_kit.objectives", "mllm_kit.data.templates")
+COMPONENT_PACKAGES = ("mllm_kit.encoders", "mllm_kit.connectors", "mllm_kit.llm", "mllm_kit.objectives", "mllm_kit.data.templates",
+                      "mllm_kit.evaluation.benches")
 
 _discovered = False
 _origin: str | None = None  # set while an entry point loads, so its components say which plugin they came from
@@ -207,6 +208,7 @@ LLMS: Registry[Any] = Registry("llm")
 OBJECTIVES: Registry[Any] = Registry("objective")
 TRANSFORMS: Registry[Any] = Registry("transform")
 TEMPLATES: Registry[Any] = Registry("template")
+BENCHES: Registry[Any] = Registry("bench")
 
 register_encoder = ENCODERS.register
 register_connector = CONNECTORS.register
@@ -214,6 +216,7 @@ register_llm = LLMS.register
 register_objective = OBJECTIVES.register
 register_transform = TRANSFORMS.register
 register_template = TEMPLATES.register
+register_bench = BENCHES.register
 
 REGISTRIES: dict[str, Registry[Any]] = {
     "encoders": ENCODERS,
@@ -222,4 +225,5 @@ REGISTRIES: dict[str, Registry[Any]] = {
     "objectives": OBJECTIVES,
     "transforms": TRANSFORMS,
     "templates": TEMPLATES,
+    "benches": BENCHES,
 }

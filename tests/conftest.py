@@ -66,3 +66,15 @@ def real_tokenizer(tmp_path_factory):
         return loaded[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished run directory of the tiny two-stage recipe (2 steps per stage), shared by the inference tests;
+    they must not write into it."""
+    from mllm_kit.config.load import recipe_from_dict
+    from mllm_kit.training.runner import fit
+
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    fit(recipe_from_dict(_tiny_recipe()), run)
+    return run

@@ -1,4 +1,4 @@
-"""The ``mllm-kit`` command line: fit, eval, report, recipes, components, data synth / inspect."""
+"""The ``mllm-kit`` command line: fit, eval, chat, predict, export, import, report, recipes, components, data synth / inspect."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mllm_kit.cli import bench, generate, interop
 from mllm_kit.errors import ConfigError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -44,15 +45,10 @@ def _evaluate_run(run_dir: Path, overrides: Sequence[str] = (), stage_name: str 
     from mllm_kit.files import atomic_write_json
     from mllm_kit.model import MLLM
     from mllm_kit.training.runner import evaluate
-    from mllm_kit.training.state import read_run
+    from mllm_kit.training.state import finished_stage, read_run
 
     recipe, state = read_run(run_dir)
-    done = [s for s in recipe.stages if state.done(s.name)]
-    if not done:
-        raise ConfigError(f"{run_dir}: no stage has finished yet; nothing to evaluate.")
-    stage = recipe.stage(stage_name) if stage_name else done[-1]
-    if not state.done(stage.name):
-        raise ConfigError(f"{run_dir}: stage {stage.name!r} has not finished; finished: {[s.name for s in done]}.")
+    stage = finished_stage(recipe, state, stage_name)
     connector, data = _eval_overrides(overrides)
     if data:
         stage = dataclasses.replace(stage, data=dataclasses.replace(stage.data, **data))
@@ -85,6 +81,11 @@ def _eval_overrides(overrides: Sequence[str]) -> tuple[dict[str, object], dict[s
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.bench:
+        connector, data = _eval_overrides(args.overrides)
+        if data:
+            raise ConfigError("eval --bench reads the benches' own files; drop data.eval=... (or drop --bench).")
+        return bench.run_benches(args, connector)
     return _evaluate_run(Path(args.run), args.overrides, args.stage)
 
 
@@ -186,12 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 stages.sft.optim.max_steps=10")
     p.set_defaults(func=_fit)
 
-    p = sub.add_parser("eval", help="held-out loss and accuracy of a run's last finished stage (or --stage) on its data.eval")
-    p.add_argument("--run", required=True, help="run directory")
+    p = sub.add_parser("eval", help="held-out loss and accuracy of a run's last finished stage (or --stage) on its data.eval, "
+                                    "or its scores on benchmark files (--bench)")
+    p.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory (--run-dir under torchrun, whose own --run-path --run clashes with)")
     p.add_argument("--stage", help="evaluate this finished stage instead of the last (writes eval-STAGE.json)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="connector.KEY=VALUE: connector options for this evaluation, e.g. connector.scale=36 (Matryoshka); "
                         "data.eval=PATH: another held-out set")
+    bench.add_bench_args(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("report", help="plot loss and learning-rate curves of every stage to a PNG")
@@ -204,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("components", help="list every registered component and preset")
     p.set_defaults(func=_components)
+
+    generate.add_parsers(sub)
+    interop.add_parsers(sub)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write the synthetic shapes dataset (LLaVA JSON + images)")

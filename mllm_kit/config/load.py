@@ -20,10 +20,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mllm_kit.config.presets import preset_path, read_yaml
 from mllm_kit.config.recipe import (
-    FSDP_PRECISIONS, LIGHTNING_STRATEGIES, SHARDED_STRATEGIES, DataSpec, ModelSpec, OptimSpec, Recipe, RecipeSpec, Stage,
+    FSDP_PRECISIONS, LIGHTNING_STRATEGIES, SHARDED_STRATEGIES, DataSpec, EvalSpec, ModelSpec, OptimSpec, Recipe, RecipeSpec, Stage,
     TeacherSpec, TrainerSpec,
 )
 from mllm_kit.config.resolve import check_template, expand, resolve_component, resolve_named
+from mllm_kit.config.runs import check_run_ref, model_from_init_run
 from mllm_kit.config.validate import to_dict, validate
 from mllm_kit.errors import ConfigError, did_you_mean
 from mllm_kit.registry import OBJECTIVES, TRANSFORMS
@@ -126,12 +127,17 @@ def _expand_specs(model: Any, where: str) -> None:
         model[key] = expand(group, raw, f"{where}.{key}")
 
 
-def recipe_from_dict(data: dict[str, Any]) -> Recipe:
-    """A :class:`Recipe` from a plain mapping (a recipe file's content, or a saved resolved recipe)."""
-    return resolve(validate(data, RecipeSpec, ""))
+def recipe_from_dict(data: dict[str, Any], check_runs: bool = True) -> Recipe:
+    """A :class:`Recipe` from a plain mapping (a recipe file's content, or a saved resolved recipe).
+
+    ``check_runs``: check the run directories that stages' ``init_from`` name (a saved run's recipe is read without:
+    it records ``RUN:STAGE`` as checked when that run started). A recipe that names no LLM and whose first stage starts
+    from a run directory takes the model of that run's recipe (the parts it does name override that run's)."""
+    data = model_from_init_run(data) if check_runs else data
+    return resolve(validate(data, RecipeSpec, ""), check_runs)
 
 
-def resolve(spec: RecipeSpec) -> Recipe:
+def resolve(spec: RecipeSpec, check_runs: bool = True) -> Recipe:
     if not spec.stages:
         raise ConfigError("stages: a recipe needs at least one stage.")
     names = [s.name for s in spec.stages]
@@ -143,8 +149,39 @@ def resolve(spec: RecipeSpec) -> Recipe:
         raise ConfigError("model.llm: the recipe names no LLM; set a preset (e.g. vicuna_7b_v15) or a spec.")
     for key, group in MODEL_GROUPS.items():
         setattr(model, key, resolve_component(group, getattr(model, key), f"model.{key}"))
-    stages = [_resolve_stage(spec, i) for i in range(len(spec.stages))]
+    stages = [_resolve_stage(spec, i, check_runs) for i in range(len(spec.stages))]
+    _check_benches(spec.eval, stages)
     return Recipe(spec.name, spec.description, spec.citation, model, stages, spec.eval, spec.smoke)
+
+
+def _check_benches(spec: EvalSpec, stages: list[Stage]) -> None:
+    """Recipe-load check of ``eval.benches`` and what goes with it (the files are read when the stage starts)."""
+    from mllm_kit.registry import BENCHES
+
+    names = [s.name for s in stages]
+    for name, path in spec.benches.items():
+        if name not in BENCHES:
+            raise ConfigError(f"eval.benches.{name}: unknown bench.{did_you_mean(name, BENCHES.names())} "
+                              f"Benches: {', '.join(BENCHES.names())}.")
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"eval.benches.{name}: give the bench file's path (or synthetic:eval), got {path!r}.")
+    for stage in spec.stages or []:
+        if stage not in names:
+            raise ConfigError(f"eval.stages: no stage {stage!r}.{did_you_mean(stage, names)} Stages: {', '.join(names)}.")
+    if (spec.stages or spec.every_n_steps or spec.keep_best) and not spec.benches:
+        raise ConfigError("eval.stages / every_n_steps / keep_best apply to eval.benches, which names none; add benches "
+                          "(e.g. eval.benches: {vqav2: data/vqav2_val.jsonl}) or remove them.")
+    if spec.every_n_steps is not None and spec.every_n_steps < 1:
+        raise ConfigError(f"eval.every_n_steps: must be ≥ 1 (or null: at the end of the stage only), got {spec.every_n_steps}.")
+    if spec.keep_best is not None:
+        bench, sep, metric = spec.keep_best.partition("/")
+        if not sep or bench not in spec.benches or not metric:
+            raise ConfigError(f"eval.keep_best: {spec.keep_best!r} must be '<bench>/<metric>' with a bench of eval.benches "
+                              f"({', '.join(spec.benches)}), e.g. '{next(iter(spec.benches))}/accuracy'.")
+        sharded = [s.name for s in stages if (s.name in (spec.stages or names[-1:])) and s.trainer.strategy in SHARDED_STRATEGIES]
+        if sharded:
+            raise ConfigError(f"eval.keep_best: stage(s) {sharded} train under a sharded strategy, whose weights are gathered "
+                              f"only at the end of the stage; keep the best step with ddp or deepspeed_stage_1/2.")
 
 
 def _over_model(base: ModelSpec, specs: dict[str, Any], where: str) -> ModelSpec:
@@ -164,14 +201,18 @@ def _check_earlier(spec: RecipeSpec, index: int, name: str, where: str, hint: st
                           f"Earlier stages: {', '.join(earlier) or '(none)'}{hint}.")
 
 
-def _resolve_start(spec: RecipeSpec, index: int) -> tuple[ModelSpec | None, str | None]:
-    """A stage's fresh model (its ``model`` over the recipe's; a ``pre_align`` member with its own projector) or the
-    earlier stage it continues from."""
+def _resolve_start(spec: RecipeSpec, index: int, check_runs: bool = True) -> tuple[ModelSpec | None, str | None]:
+    """A stage's fresh model (its ``model`` over the recipe's; a ``pre_align`` member with its own projector) or what it
+    continues from: an earlier stage, or a finished stage of another run directory (``RUN:STAGE``)."""
     s, where = spec.stages[index], f"stages[{index}]"
-    if s.model is not None and s.init_from is not None:
-        raise ConfigError(f"{where}: names both model (a fresh start) and init_from={s.init_from!r}; keep one.")
-    if s.init_from is not None:
-        _check_earlier(spec, index, s.init_from, f"{where}.init_from")
+    init_from = s.init_from
+    if s.model is not None and init_from is not None:
+        raise ConfigError(f"{where}: names both model (a fresh start) and init_from={init_from!r}; keep one.")
+    earlier = [t.name for t in spec.stages[:index]]
+    if init_from is not None and init_from not in earlier and check_runs:
+        if init_from in [t.name for t in spec.stages]:
+            _check_earlier(spec, index, init_from, f"{where}.init_from")
+        init_from = check_run_ref(init_from, f"{where}.init_from", earlier)
     members = _mixture_members(spec)
     for name, source in s.init_members.items():
         _check_member(members, name, f"{where}.init_members.{name}")
@@ -186,7 +227,7 @@ def _resolve_start(spec: RecipeSpec, index: int) -> tuple[ModelSpec | None, str 
         _check_member(members, s.pre_align, f"{where}.pre_align")
         over = {"connector": "mlp2x_gelu", **(s.model or {}), "encoder": members[s.pre_align]}
         return _over_model(spec.model, over, f"{where}.model"), None
-    return (_over_model(spec.model, s.model, f"{where}.model") if s.model is not None else None), s.init_from
+    return (_over_model(spec.model, s.model, f"{where}.model") if s.model is not None else None), init_from
 
 
 def _mixture_members(spec: RecipeSpec) -> dict[str, Any]:
@@ -224,7 +265,7 @@ def _resolve_teacher(spec: RecipeSpec, index: int) -> TeacherSpec | None:
     return dataclasses.replace(t, model=model)
 
 
-def _resolve_stage(spec: RecipeSpec, index: int) -> Stage:
+def _resolve_stage(spec: RecipeSpec, index: int, check_runs: bool = True) -> Stage:
     s, where = spec.stages[index], f"stages[{index}]"
     if not s.trainable:
         raise ConfigError(f"{where}.trainable: stage {s.name!r} trains nothing; list module paths such as [connector] or [connector, llm].")
@@ -235,7 +276,7 @@ def _resolve_stage(spec: RecipeSpec, index: int) -> Stage:
     check_template(data.template, f"{where}.data.template")
     transforms = [resolve_named(TRANSFORMS, t, f"{where}.transforms[{k}]") for k, t in enumerate(s.transforms)]
     objective = resolve_named(OBJECTIVES, s.objective, f"{where}.objective")
-    model, init_from = _resolve_start(spec, index)
+    model, init_from = _resolve_start(spec, index, check_runs)
     teacher = _resolve_teacher(spec, index)
     _check_packing(data, objective, teacher, f"{where}.data")
     _check_sources(data, f"{where}.data")

@@ -141,11 +141,21 @@ class TrainerSpec:
 @dataclass
 class EvalSpec:
     """Generation settings of held-out evaluation (during training and after it); the data is each stage's ``data.eval``.
-    ``max_samples`` caps the samples validation reads during training (the final evaluation reads all)."""
+    ``max_samples`` caps the samples validation reads during training (the final evaluation reads all).
+
+    ``benches`` (name → file, as ``mllm-kit eval --bench NAME=PATH``): benchmarks scored during ``stages`` (default: the
+    last stage) every ``every_n_steps`` optimiser steps (None: at the end of the stage only), ``bench_limit`` items each;
+    ``keep_best: <bench>/<metric>`` keeps the best step's weights in ``<stage>/best/`` (``keep_best_mode``: max|min)."""
 
     max_new_tokens: int = 8
     batch_size: int = 32
     max_samples: int | None = None
+    benches: dict[str, str] = field(default_factory=dict)
+    stages: list[str] | None = None
+    every_n_steps: int | None = None
+    bench_limit: int | None = None
+    keep_best: str | None = None
+    keep_best_mode: Literal["max", "min"] = "max"
 
 
 @dataclass

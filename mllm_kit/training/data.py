@@ -71,7 +71,9 @@ def _check_one(source: str | ShardSource | None, image_root: str | None, where: 
         raise ConfigError(f"{where}.image_root: folder {image_root!r} (images of {source!r}) does not exist.")
 
 
-def _resolve(spec: DataSpec, source: str, image_root: str | None, data_root: Path) -> tuple[Path, Path]:
+def resolve_path(spec: DataSpec, source: str, image_root: str | None, data_root: Path) -> tuple[Path, Path]:
+    """``(file, image root)`` of a data source: ``synthetic:<split>`` is generated (once, cached by its config) under
+    ``data_root``; a path's images resolve under ``image_root``, else its folder."""
     if source.startswith(SYNTHETIC):
         digest = hashlib.sha1(json.dumps(spec.synthetic.key(), sort_keys=True).encode()).hexdigest()[:10]
         paths = generate(data_root / f"synthetic-{digest}", spec.synthetic)
@@ -113,7 +115,7 @@ def build_dataset(model: MLLM, spec: DataSpec, data_root: Path, split: str = "tr
             names = expand_urls(source.urls)  # checked above
             records, images = read_shards(local_shards(names, data_root / "shards", f"{where}.urls"))
             return LlavaDataset(source.urls, None, view.encoder, view.image_transform, records=records, images=images, **options)
-        path, root = _resolve(spec, source, image_root, data_root)
+        path, root = resolve_path(spec, source, image_root, data_root)
         return LlavaDataset(path, root, view.encoder, view.image_transform, **options)
 
     if split == "train" and spec.sources is not None:

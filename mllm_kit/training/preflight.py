@@ -19,12 +19,13 @@ import torch
 from mllm_kit.config.recipe import Recipe, Stage
 from mllm_kit.data.dataset import View
 from mllm_kit.errors import ConfigError, MllmKitError
+from mllm_kit.evaluation.callback import bench_stage_names, read_benches
 from mllm_kit.log import get_logger
 from mllm_kit.model import MLLM
 from mllm_kit.objectives.base import Objective
 from mllm_kit.registry import OBJECTIVES
 from mllm_kit.training.data import check_source, teacher_view
-from mllm_kit.training.stage import apply_transforms, build_recipe_model, start_of, world_size
+from mllm_kit.training.stage import apply_transforms, build_recipe_model, run_final_dir, run_source, start_of, world_size
 from mllm_kit.training.state import RunState
 from mllm_kit.training.teacher import Teachers, check_vocabulary
 from mllm_kit.training.teacher import check_source as check_teacher_source
@@ -42,8 +43,12 @@ def check_static(recipe: Recipe, indices: list[int], state: RunState | None = No
         if stage.data.eval is not None:
             check_source(stage.data, "eval", f"{where}.data")
         stage.optim.accumulation(world_size(stage.trainer), f"{where}.optim")
+        if run_source(recipe, i) is not None:
+            run_final_dir(recipe, i)  # init_from another run: still finished, its final/ still there
         if stage.teacher is not None:
             check_teacher_source(stage.teacher, f"{where}.teacher", state, [recipe.stages[j].name for j in indices[:k]])
+        if stage.name in bench_stage_names(recipe):
+            read_benches(recipe, stage, None)  # eval.benches files: parsed and checked now, not after hours of training
         for member, name in stage.init_members.items():
             if not state.done(name) and name not in [recipe.stages[j].name for j in indices[:k]]:
                 raise ConfigError(f"{where}.init_members.{member}: stage {name!r} has not finished in this run directory and "

@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from mllm_kit.config.recipe import SHARDED_STRATEGIES, Recipe, Stage
 from mllm_kit.errors import ConfigError
+from mllm_kit.evaluation.callback import bench_callback
 from mllm_kit.log import get_logger
 from mllm_kit.model import MLLM
 from mllm_kit.registry import OBJECTIVES
@@ -43,7 +44,8 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARN
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
-def make_trainer(stage: Stage, stage_dir: Path | None, *, max_steps: int = -1, accumulate: int = 1, validate: bool = False) -> L.Trainer:
+def make_trainer(stage: Stage, stage_dir: Path | None, *, max_steps: int = -1, accumulate: int = 1, validate: bool = False,
+                 extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
     """The Lightning Trainer of a stage, every setting given at construction. Without ``stage_dir``: for evaluation."""
     t, o = stage.trainer, stage.optim
     if t.strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
@@ -64,6 +66,7 @@ def make_trainer(stage: Stage, stage_dir: Path | None, *, max_steps: int = -1, a
         ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="step-{step}", every_n_train_steps=t.checkpoint_every_n_steps,
                         save_top_k=0, save_last=True, enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
+        *extra_callbacks,
     ]
     validation: dict[str, Any] = {"limit_val_batches": 0}
     if validate and t.val_every_n_steps:
@@ -116,7 +119,9 @@ def prepare_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, re
     total_steps = stage.optim.max_steps or math.ceil(stage.optim.epochs * per_epoch)
     module = MLLMModule(model, stage, objective, total_steps, recipe.eval, sorted(set(data.tasks.values())),
                         data.eval_prompts.encoder.stop_token_ids() if data.eval_prompts else None, teacher)
-    trainer = make_trainer(stage, stage_dir, max_steps=total_steps, accumulate=accumulate, validate=data.eval_prompts is not None)
+    benches = bench_callback(recipe, stage, stage_dir, state, run_dir / "data")
+    trainer = make_trainer(stage, stage_dir, max_steps=total_steps, accumulate=accumulate, validate=data.eval_prompts is not None,
+                           extra_callbacks=[benches] if benches else [])
     if trainer.world_size != world:
         raise ConfigError(f"{where}.trainer: devices={stage.trainer.devices!r} × num_nodes={stage.trainer.num_nodes} gave "
                           f"{trainer.world_size} processes, not the {world} the batch arithmetic assumed; give devices as a number.")

@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from mllm_kit.config.load import recipe_from_dict
-from mllm_kit.config.recipe import Recipe
+from mllm_kit.config.recipe import Recipe, Stage
 from mllm_kit.errors import ConfigError
 from mllm_kit.files import atomic_write_json, atomic_write_text
 
@@ -68,4 +68,17 @@ def read_run(run_dir: str | Path) -> tuple[Recipe, RunState]:
         what = "does not exist" if not run_dir.exists() else "is not a run directory"
         raise ConfigError(f"{run_dir} {what}: a run directory (made by `mllm-kit fit`) holds {RECIPE_FILE} (the resolved recipe), "
                           f"{STATE_FILE} (which stages finished) and one folder per stage with its final/ weights.")
-    return recipe_from_dict(OmegaConf.to_container(OmegaConf.load(recipe_file))), RunState.load(run_dir)
+    # The run directories its stages' init_from name were checked when this run started; they may be gone by now.
+    return recipe_from_dict(OmegaConf.to_container(OmegaConf.load(recipe_file)), check_runs=False), RunState.load(run_dir)
+
+
+def finished_stage(recipe: Recipe, state: RunState, stage: str | None = None) -> Stage:
+    """The stage named ``stage`` (default: the last finished one), with a clear error unless it has finished."""
+    run_dir = state.path.parent
+    done = [s for s in recipe.stages if state.done(s.name)]
+    if not done:
+        raise ConfigError(f"{run_dir}: no stage has finished yet; nothing to load.")
+    chosen = recipe.stage(stage) if stage else done[-1]
+    if not state.done(chosen.name):
+        raise ConfigError(f"{run_dir}: stage {chosen.name!r} has not finished; finished: {[s.name for s in done]}.")
+    return chosen
