@@ -123,7 +123,7 @@ def test_benches_during_training_log_and_keep_the_best_step(tiny_recipe, tmp_pat
     from mllm_kit.config.load import recipe_from_dict
     from mllm_kit.evaluation.benches import get_bench
     from mllm_kit.evaluation.runner import run_bench
-    from mllm_kit.generation import GenerationConfig, Generator
+    from mllm_kit.inference import GenerationConfig, Generator
     from mllm_kit.training.runner import fit
     from mllm_kit.training.state import RunState
 
@@ -197,7 +197,7 @@ def test_bench_over_two_ranks_equals_one_process(tiny_run, tmp_path):
 def test_every_bench_kind_end_to_end(tiny_run, tmp_path):
     """VQAv2, GQA, DocVQA, POPE, MMBench (letter and likelihood) and COCO captions in one `eval`: each result equals its
     metric recomputed from the per-sample responses written beside it."""
-    from mllm_kit.generation import Generator
+    from mllm_kit.inference import Generator
     from mllm_kit.metrics import ANLS, POPE, CircularChoiceAccuracy, ExactMatch, LikelihoodChoiceAccuracy, VQAv2Accuracy
 
     for k in range(4):

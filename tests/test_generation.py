@@ -8,7 +8,7 @@ from mllm_kit import MLLM
 from mllm_kit.config import resolve_model
 from mllm_kit.config.recipe import DataSpec
 from mllm_kit.errors import ConfigError, DataError
-from mllm_kit.generation import GenerationConfig, Generator, Prompt, cut_at_stop, hold_back_stops
+from mllm_kit.inference import GenerationConfig, Generator, Prompt, cut_at_stop, hold_back_stops
 from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec
 
 
@@ -174,7 +174,7 @@ def test_predict_bad_input_is_a_clear_error(tiny_run, tmp_path, capsys):
 
 def test_chat_streams_and_keeps_the_conversation(tiny_run, tmp_path, monkeypatch, capsys):
     from mllm_kit.cli.main import main
-    from mllm_kit.generation import Generator
+    from mllm_kit.inference import Generator
 
     image = tmp_path / "img.png"
     _image(0).save(image)

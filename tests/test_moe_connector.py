@@ -60,7 +60,7 @@ def test_upcycled_connector_equals_the_dense_mlp():
         assert torch.equal(moe.experts.weights[0][e], dense.mlp[0].weight.t())
         assert torch.equal(moe.experts.biases[1][e], dense.mlp[2].bias)
     torch.testing.assert_close(moe(_features(x)).tokens, expected, atol=1e-6, rtol=1e-6)
-    assert moe.build_spec == {"name": "moe_mlp", "num_experts": 4, "top_k": 2, "depth": 2, "act": "gelu"}
+    assert moe.build_spec == {"name": "moe_mlp", "num_experts": 4, "top_k": 2, "depth": 2, "act": "gelu", "static_capacity": False}
 
 
 def test_upcycled_model_saves_and_reloads(tmp_path):
@@ -107,3 +107,29 @@ def test_bad_options_are_clear_errors():
     assert isinstance(linear.connector, MLPConnector)
     UpcycleConnector(num_experts=2, top_k=1)(linear)  # a linear connector is a depth-1 MLP and upcycles too
     assert linear.connector.depth == 1
+
+
+@pytest.mark.parametrize("capacity", [None, 5, 40])
+def test_static_capacity_routes_without_reading_the_device_and_gives_the_same_outputs(capacity):
+    """A static buffer (C from shapes) changes no output or gradient; it needs no device value: routing runs on the meta
+    device, where the dynamic buffer's size (the largest load) cannot be read."""
+    from mllm_kit.layers.experts import ExpertMLP
+    from mllm_kit.layers.routing import dispatch, route
+
+    torch.manual_seed(0)
+    experts = ExpertMLP(4, [8, 16, 8])
+    tokens, logits = torch.randn(24, 8, requires_grad=True), torch.randn(24, 4)
+    outs, grads = [], []
+    for static in (False, True):
+        routing = route(logits, 2, capacity, static=static)
+        out = dispatch(tokens, routing, 4, experts)
+        (grad,) = torch.autograd.grad(out.square().sum(), tokens)
+        outs.append(out)
+        grads.append(grad)
+        assert routing.capacity == (min(capacity or 24, 24) if static else routing.capacity)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6)
+    meta = torch.empty(24, 4, device="meta")
+    assert route(meta, 2, capacity, static=True).slots.shape == (24, 2)
+    with pytest.raises(Exception):  # the dynamic buffer must read the largest load back from the device
+        route(meta, 2, capacity, static=False)

@@ -41,7 +41,7 @@ def run_benches(args: argparse.Namespace, connector: dict[str, object]) -> int:
 
     from mllm_kit.evaluation.benches import get_bench
     from mllm_kit.evaluation.runner import rank_and_world, results_table, run_bench, write_results
-    from mllm_kit.generation import GenerationConfig, Generator
+    from mllm_kit.inference import GenerationConfig, Generator
     from mllm_kit.training.data import resolve_path
     from mllm_kit.training.state import finished_stage, read_run
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
-    """The decoding options every generating command takes (:class:`~mllm_kit.generation.GenerationConfig`)."""
+    """The decoding options every generating command takes (:class:`~mllm_kit.inference.GenerationConfig`)."""
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -21,7 +21,7 @@ def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -
 
 
 def generation_config(args: argparse.Namespace):
-    from mllm_kit.generation import GenerationConfig
+    from mllm_kit.inference import GenerationConfig
 
     return GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, num_beams=args.num_beams, stop=tuple(args.stop), seed=args.seed)
@@ -53,7 +53,7 @@ def _chat(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from mllm_kit.data.templates import Turn
-    from mllm_kit.generation import Generator, Prompt
+    from mllm_kit.inference import Generator, Prompt
 
     console = Console()
     generator = Generator.from_run(args.run, args.stage, args.device)
@@ -100,7 +100,7 @@ def _chat(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from mllm_kit.evaluation.formats import read_questions
     from mllm_kit.evaluation.predictions import append, done_ids
-    from mllm_kit.generation import Generator
+    from mllm_kit.inference import Generator
     from mllm_kit.log import get_logger, progress
 
     log = get_logger(__name__)

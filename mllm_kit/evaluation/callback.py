@@ -14,7 +14,7 @@ from mllm_kit.config.recipe import DataSpec
 from mllm_kit.evaluation.benches import Bench
 from mllm_kit.evaluation.formats import Item
 from mllm_kit.evaluation.runner import BenchResult, run_bench
-from mllm_kit.generation import GenerationConfig, Generator
+from mllm_kit.inference import GenerationConfig, Generator
 from mllm_kit.errors import ConfigError
 from mllm_kit.log import get_logger
 

@@ -25,7 +25,7 @@ from PIL import Image
 from mllm_kit.data.formats import parse_record, read_json_records
 from mllm_kit.data.templates import IMAGE_PLACEHOLDER
 from mllm_kit.errors import DataError, sample_ref
-from mllm_kit.generation import Prompt
+from mllm_kit.inference import Prompt
 
 OPTION_LETTERS = "ABCDEFGHIJ"
 CIRCULAR_STRIDE = 1_000_000  # MMBench: index + k·10⁶ is the k-th circular shift of question `index`

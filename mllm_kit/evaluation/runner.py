@@ -1,4 +1,4 @@
-"""Run benches with a :class:`~mllm_kit.generation.Generator`: shard items over ranks, generate (or score options),
+"""Run benches with a :class:`~mllm_kit.inference.Generator`: shard items over ranks, generate (or score options),
 update the bench's metric (its states sync across ranks), gather per-sample rows on rank 0 and write them in
 lmms-eval's output layout: ``<out>/<date>_results.json`` and ``<out>/<date>_samples_<bench>.jsonl``."""
 
@@ -15,7 +15,7 @@ import torch.distributed as dist
 from mllm_kit.evaluation.benches import Bench, Output
 from mllm_kit.evaluation.formats import Item
 from mllm_kit.files import atomic_write_json, atomic_write_text
-from mllm_kit.generation import GenerationConfig, Generator
+from mllm_kit.inference import GenerationConfig, Generator
 from mllm_kit.log import progress
 
 RESULTS_FORMAT = "lmms-eval"

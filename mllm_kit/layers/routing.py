@@ -11,7 +11,10 @@ passes through the residual only).
 Dispatch groups the T·k (token, expert) pairs into an ``[E, C, D]`` buffer with one scatter, runs all
 experts at once with batched matmuls, and gathers back — no Python loop over tokens or experts. C is the
 largest expert load after capacity dropping (one host sync per routed layer), so compute is not spent on
-empty capacity slots; without a capacity nothing is dropped.
+empty capacity slots; without a capacity nothing is dropped. ``static=True`` sizes C from shapes alone — the
+capacity, or T without one (no expert can receive more than every token) — so routing never waits for the device:
+the choice for small, launch-bound layers on a GPU (the host sync made CuMo's connector 1.66× slower than running
+every expert on an H100), for CUDA graphs and for ``torch.compile(fullgraph=True)``. Both give the same outputs.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ class Routing:
     logits: torch.Tensor
 
 
-def route(logits: torch.Tensor, top_k: int, capacity: int | None = None, noisy: bool = False) -> Routing:
-    """``logits [T, E]`` → :class:`Routing` (see the module docstring for the rules)."""
+def route(logits: torch.Tensor, top_k: int, capacity: int | None = None, noisy: bool = False, static: bool = False) -> Routing:
+    """``logits [T, E]`` → :class:`Routing` (see the module docstring for the rules; ``static``: C from shapes only)."""
     logits = logits.float()
     t, e = logits.shape
     probs = logits.softmax(dim=-1)
@@ -53,10 +56,11 @@ def route(logits: torch.Tensor, top_k: int, capacity: int | None = None, noisy: 
     order = F.one_hot(experts.t().reshape(-1), e)  # [k·T, E]: all first choices, then all second choices
     position = ((order.cumsum(dim=0) - 1) * order).sum(dim=-1).view(top_k, t).t()  # [T, k]
     kept = position < capacity if capacity is not None else torch.ones_like(position, dtype=torch.bool)
-    # The buffer holds the largest load the capacity lets through, not the capacity itself: no compute is spent
-    # on empty slots. Sizing it is the one host sync of a routed layer.
-    largest = int(order.sum(dim=0).max())
-    capacity = largest if capacity is None else min(capacity, largest)
+    if static:  # every expert gets `capacity` rows (T without one): no device value decides a shape
+        capacity = min(capacity, t) if capacity is not None else t
+    else:  # the largest load the capacity lets through: no compute on empty slots, at one host sync per layer
+        largest = int(order.sum(dim=0).max())
+        capacity = largest if capacity is None else min(capacity, largest)
     slots = torch.where(kept, experts * capacity + position, e * capacity)
     chosen = probs.gather(1, experts) * kept
     gates = chosen / chosen.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(chosen.dtype).eps)

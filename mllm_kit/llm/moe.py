@@ -52,13 +52,14 @@ class SparseMoE(nn.Module):
     """Drop-in replacement for a decoder layer's FFN: ``[B, S, D] → [B, S, D]``."""
 
     def __init__(self, ffn: nn.Module, num_experts: int = 4, top_k: int = 2, capacity_factor: float = 1.5,
-                 eval_capacity_factor: float = 2.0, min_capacity: int = 0, noisy_gate: bool = True, z_loss: bool = False) -> None:
+                 eval_capacity_factor: float = 2.0, min_capacity: int = 0, noisy_gate: bool = True, z_loss: bool = False,
+                 static_capacity: bool = False) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ConfigError(f"upcycle_moe needs 1 ≤ top_k ≤ num_experts, got top_k={top_k}, num_experts={num_experts}.")
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor, self.eval_capacity_factor, self.min_capacity = capacity_factor, eval_capacity_factor, min_capacity
-        self.noisy_gate, self.use_z_loss = noisy_gate, z_loss
+        self.noisy_gate, self.use_z_loss, self.static_capacity = noisy_gate, z_loss, static_capacity
         linears, up, act = _ffn_linears(ffn)
         self.experts = ExpertMLP.copies(linears, num_experts, act, up)
         width = linears[-1][0].shape[0]
@@ -74,7 +75,8 @@ class SparseMoE(nn.Module):
         x = hidden.reshape(-1, hidden.shape[-1])
         # The router runs in fp32, as DeepSpeed's gate does.
         logits = nn.functional.linear(x.float(), self.router.weight.float())
-        routing = route(logits, self.top_k, self.capacity(x.shape[0]), noisy=self.noisy_gate and self.training and self.top_k > 1)
+        routing = route(logits, self.top_k, self.capacity(x.shape[0]), noisy=self.noisy_gate and self.training and self.top_k > 1,
+                        static=self.static_capacity)
         out = dispatch(x, routing, self.num_experts, self.experts)
         top1 = routing.experts[:, 0]
         self.aux_losses = {"llm_moe_balance": balance_loss(routing.probs, top1, self.num_experts)}
@@ -107,11 +109,12 @@ class UpcycleMoE:
     """Replace the FFN of the chosen decoder layers with a :class:`SparseMoE` of exact copies (MoE-LLaVA stage III)."""
 
     def __init__(self, layers: str | list[int] = "every_other", num_experts: int = 4, top_k: int = 2, capacity_factor: float = 1.5,
-                 eval_capacity_factor: float = 2.0, min_capacity: int = 0, noisy_gate: bool = True, z_loss: bool = False) -> None:
+                 eval_capacity_factor: float = 2.0, min_capacity: int = 0, noisy_gate: bool = True, z_loss: bool = False,
+                 static_capacity: bool = False) -> None:
         self.layers = layers
         self.options: dict[str, Any] = dict(num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor,
                                             eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
-                                            noisy_gate=noisy_gate, z_loss=z_loss)
+                                            noisy_gate=noisy_gate, z_loss=z_loss, static_capacity=static_capacity)
 
     def __call__(self, model) -> None:
         decoder = model.llm.decoder_layers
