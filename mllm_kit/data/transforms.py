@@ -27,9 +27,11 @@ class ImageTransform:
 
     Modes:
       * ``resize``: stretch to a square (SigLIP/timm style).
-      * ``center_crop``: resize the short side, then centre-crop (CLIP's processor).
+      * ``center_crop``: resize the short side, then centre-crop (CLIP's processor: the long side becomes
+        ``int(size · long / short)``, truncated, as in CLIP's and transformers' processors).
       * ``pad``: pad to a square with the mean colour, then resize (LLaVA-1.5 ``image_aspect_ratio pad``,
-        specs/components.md §1.3).
+        specs/components.md §1.3); the colour is ``int(mean · 255)`` per channel, as LLaVA's ``expand2square`` and
+        transformers' ``LlavaImageProcessor(do_pad=True)`` use, so an exported processor pads identically.
     """
 
     size: int
@@ -50,7 +52,7 @@ class ImageTransform:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("L").convert("RGB") if self.grayscale else image.convert("RGB")
         if self.mode == "pad":
-            image = _pad_to_square(image, tuple(int(round(m * 255)) for m in self.mean))
+            image = _pad_to_square(image, tuple(int(m * 255) for m in self.mean))
         if self.mode == "center_crop":
             image = _resize_short_side(image, self.size)
             image = _center_crop(image, self.size)
@@ -76,8 +78,8 @@ def _resize_short_side(image: Image.Image, size: int) -> Image.Image:
     w, h = image.size
     if min(w, h) == size:
         return image
-    scale = size / min(w, h)
-    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+    short = min(w, h)  # the long side is truncated, as CLIP's and transformers' processors do
+    return image.resize((int(size * w / short), int(size * h / short)), Image.Resampling.BICUBIC)
 
 
 def _center_crop(image: Image.Image, size: int) -> Image.Image:
