@@ -21,7 +21,7 @@ from mllm_kit.data.templates import get_template
 from mllm_kit.data.transforms import best_grid, crop_grids
 from mllm_kit.errors import ConfigError
 from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec, tiny_tokenizer
-from tests.test_real_geometry import CLIP_L_336, VICUNA_7B
+from test_real_geometry import CLIP_L_336, VICUNA_7B
 
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]

@@ -8,7 +8,7 @@ from mllm_kit import MLLM
 from mllm_kit.config import resolve_model
 from mllm_kit.config.recipe import DataSpec
 from mllm_kit.errors import ConfigError, DataError
-from mllm_kit.inference import GenerationConfig, Generator, Prompt, cut_at_stop, hold_back_stops
+from mllm_kit.inference.generation import GenerationConfig, Generator, Prompt, cut_at_stop, hold_back_stops
 from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec
 
 
