@@ -32,17 +32,22 @@ SIZES = {
 
 
 def build_llava(size: dict):
+    """A random LLaVA of ``size``; optional keys: ``family`` (llama, qwen2), ``vocab`` (default: the tiny tokenizer's;
+    a larger one keeps the tokenizer and widens embeddings and head), ``kv_heads``, ``v_heads``, ``tie``."""
     import torch
-    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              Qwen2Config)
 
     from mllm_kit.tiny import tiny_tokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer())
     vision = CLIPVisionConfig(image_size=size["image"], patch_size=size["patch"], hidden_size=size["v_hidden"], intermediate_size=4 * size["v_hidden"],
-                              num_hidden_layers=size["v_layers"], num_attention_heads=4)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=size["hidden"], intermediate_size=size["inter"], num_hidden_layers=size["layers"],
-                       num_attention_heads=size["heads"], num_key_value_heads=size["heads"], pad_token_id=tok.pad_token_id,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+                              num_hidden_layers=size["v_layers"], num_attention_heads=size.get("v_heads", 4))
+    text_config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[size.get("family", "llama")]
+    text = text_config(vocab_size=size.get("vocab", len(tok)), hidden_size=size["hidden"], intermediate_size=size["inter"],
+                       num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
+                       num_key_value_heads=size.get("kv_heads", size["heads"]), pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=size.get("tie", False))
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                          projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default")
     torch.manual_seed(0)

@@ -21,6 +21,8 @@ class Batch:
     Packed rows (:mod:`mllm_kit.data.packing`) hold several samples each: ``position_ids`` restart at 0 per sample,
     ``attention_mask`` is ``None`` (the restarts isolate the samples), ``seq_lens`` lists each row's sample lengths and
     ``segments`` ``[B, T]`` the sample (0..S−1) of every position; padded rows leave the three ``None``.
+    ``row_lengths``: each row's positions that are not padding (host count, set by the collators), so that throughput
+    and padding waste are known without reading ``attention_mask`` back from the device.
     ``num_loss_tokens``: supervised targets after the causal shift (host count). A batch is not changed after
     collation; the trainer derives the loss normaliser from the loader's per-step counts. ``loss_weights`` ``[B, T]``:
     each label position's weight under ``data.loss_weighting`` other than ``token`` (``None``: every supervised token
@@ -44,6 +46,7 @@ class Batch:
     num_image_tokens: int | None = None
     position_ids: torch.Tensor | None = None
     seq_lens: list[list[int]] | None = None
+    row_lengths: list[int] | None = None
     segments: torch.Tensor | None = None
     sample_ids: list[str] = field(default_factory=list)
     num_loss_tokens: int | None = None
@@ -58,13 +61,17 @@ class Batch:
     pairs: int | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        moved = {
-            f.name: getattr(self, f.name).to(device, non_blocking=True)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies of the tensors: ``DataLoader(pin_memory=True)`` calls this, so that :meth:`to` a GPU
+        overlaps the copy with compute."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn) -> Batch:
+        moved = {f.name: fn(getattr(self, f.name)) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
         if self.teacher is not None:
-            moved["teacher"] = self.teacher.to(device)
+            moved["teacher"] = self.teacher._map(fn)
         return replace(self, **moved)
 
     def teacher_view(self) -> Batch:
@@ -124,10 +131,12 @@ def keep_image_prefix(batch: Batch, image_token_id: int, tokens_per_image: int, 
     def take(t: torch.Tensor | None, fill: int) -> torch.Tensor | None:
         return None if t is None else torch.where(valid, t.gather(1, order), fill)
 
+    lengths = None if batch.row_lengths is None else [n - r for n, r in zip(batch.row_lengths, removed)]
     return replace(
         batch,
         input_ids=take(ids, pad_token_id),
         labels=take(batch.labels, IGNORE_INDEX),
         attention_mask=take(batch.attention_mask, 0),
         num_image_tokens=sum(batch.images_per_sample) * keep,
+        row_lengths=lengths,
     )

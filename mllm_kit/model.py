@@ -114,6 +114,14 @@ class MLLM(nn.Module):
         if any(p.requires_grad for p in self.encoder.parameters()):
             self.encoder.enable_activation_checkpointing()
 
+    def compile_blocks(self, **options: Any) -> None:
+        """``torch.compile`` every encoder block and LLM decoder layer in place (``nn.Module.compile``: parameter names
+        and checkpoints are unchanged). Blocks, not the whole model, because the model's forward has data-dependent
+        steps (image-token scatter, MoE dispatch sizes) that would split or recompile one big graph; a block sees the
+        same shapes every step of a padded or packed run, so it compiles once per sequence length."""
+        for block in [*self.encoder.blocks, *self.llm.decoder_layers]:
+            block.compile(**options)
+
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the model atomically (:func:`mllm_kit.saving.save_mllm` says what goes where)."""
         return save_mllm(self, directory)

@@ -130,6 +130,8 @@ class TrainerSpec:
     offload_optimizer: bool = False  # DeepSpeed: optimiser states on CPU
     offload_parameters: bool = False  # fsdp / deepspeed_stage_3: parameters on CPU between uses
     activation_checkpointing: bool = False  # recompute each transformer block (LLM, and a trainable encoder) in backward
+    compile: bool = False  # torch.compile every encoder block and LLM decoder layer (MLLM.compile_blocks; docs/performance.md)
+    peak_tflops: float | None = None  # the accelerator's dense peak for perf/mfu (default: a table by device name; CPU: measured)
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 500
     val_every_n_steps: int | None = None  # optimiser steps between validation runs on data.eval (None: at the end only)

@@ -59,6 +59,7 @@ class PadCollator:
             attention_mask[row, cols] = 1
         rows = torch.arange(n).unsqueeze(1).expand(n, longest)
         return Batch(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+                     row_lengths=[len(s.input_ids) for s in samples],
                      **sample_fields(samples, labels, rows, self.pad_token_id, self.loss_weighting))
 
 

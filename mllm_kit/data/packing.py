@@ -99,4 +99,5 @@ class PackCollator:
             position_ids[r, at:] = torch.arange(width - at)
             segments[r, at:] = k - 1
         return Batch(input_ids=input_ids, labels=labels, attention_mask=None, position_ids=position_ids, seq_lens=lengths,
-                     segments=segments, **sample_fields(samples, labels, segments, self.pad_token_id, self.loss_weighting))
+                     segments=segments, row_lengths=[sum(n) for n in lengths],
+                     **sample_fields(samples, labels, segments, self.pad_token_id, self.loss_weighting))

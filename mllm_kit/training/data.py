@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from mllm_kit.batch import Batch
@@ -226,7 +227,7 @@ class StepLoader:
         batches = self.micro_batches(epoch)[step * self.accumulate :]
         dataset = _Rows(self.dataset) if self.packing is not None else self.dataset
         loader = DataLoader(dataset, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers,
-                            persistent_workers=False)
+                            persistent_workers=False, pin_memory=torch.cuda.is_available())
         it = iter(loader)
         while True:
             window = []

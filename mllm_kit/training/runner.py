@@ -31,6 +31,7 @@ from mllm_kit.training.checkpoint import AtomicCheckpointIO
 from mllm_kit.training.data import MLLMDataModule
 from mllm_kit.training.evaluate import EvalResult
 from mllm_kit.training.module import MLLMModule
+from mllm_kit.training.perf import PerfMonitor
 from mllm_kit.training.preflight import bind, check_run, check_static
 from mllm_kit.training.stage import apply_transforms, stage_model, world_size
 from mllm_kit.training.state import LAST_CKPT, RunState, write_recipe
@@ -66,6 +67,7 @@ def make_trainer(stage: Stage, stage_dir: Path | None, *, max_steps: int = -1, a
         ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="step-{step}", every_n_train_steps=t.checkpoint_every_n_steps,
                         save_top_k=0, save_last=True, enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
+        PerfMonitor(peak_tflops=t.peak_tflops),  # perf/tokens_per_s, perf/mfu, ... (host counts only: no device sync)
         *extra_callbacks,
     ]
     validation: dict[str, Any] = {"limit_val_batches": 0}
@@ -105,6 +107,8 @@ def prepare_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, re
     log.info("%s", format_table(counts, f"stage {stage.name!r}: parameters"))
     if stage.trainer.activation_checkpointing:
         model.enable_activation_checkpointing()
+    if stage.trainer.compile:
+        model.compile_blocks()
 
     teacher = (teachers or Teachers(recipe, state, [index])).get(index)
     objective = OBJECTIVES.build(stage.objective)

@@ -1,0 +1,223 @@
+"""Model FLOPs utilisation of a training step, vision included: mllm-kit (and with ``--compare hf`` transformers'
+``LlavaForConditionalGeneration`` on identical weights and batches).
+
+A plain PyTorch loop as in ``train_step.py`` (its ``build_llava``): a CLIP-like tower (frozen), the ``mlp2x_gelu``
+projector and the LLM trained with AdamW on the next-token loss of the supervised tokens, on padded batches of
+synthetic samples (an image's tokens, then text of random length whose second half is the reply). FLOPs per step
+are ``mllm_kit.flops``'s closed form — encoder, connector, LLM and LM head, backward included; transformers' LLaVA
+applies the head at every position, so its count is the same model's with the head on all rows. The peak is the
+device's (``mllm_kit.training.perf.peak_flops``): on CPU the measured fp32 matmul peak at the thread count used.
+
+Each repeat runs every variant once, round-robin, in a process of its own (so each peak memory is its own: peak RSS
+on CPU, max allocated on CUDA); a process times ``--steps`` steps after ``--warmup`` and keeps its fastest; the
+table gives the min / median over ``--repeats``.
+
+    python benchmarks/mfu.py                                   # both configs, mllm-kit alone
+    python benchmarks/mfu.py --config llava-100m --compare hf --repeats 5 --json mfu.json
+    python benchmarks/mfu.py --config tiny --steps 2 --warmup 1 --repeats 1    # a quick check that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from timing import seconds_each, timing_parser
+from train_step import build_llava
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# name: the LLaVA shape (train_step.build_llava's keys) + batch size and each sample's text-token range
+CONFIGS = {
+    # ~100M parameters: a CLIP-like ViT (6 × 384, 224 px / 14 → 256 tokens) and a Llama (6 × 768) with a 32K vocabulary
+    "llava-100m": dict(v_hidden=384, v_layers=6, v_heads=6, image=224, patch=14, hidden=768, layers=6, heads=12,
+                       kv_heads=12, inter=2048, vocab=32_000, family="llama", batch=4, text=(64, 256)),
+    # the same body with Qwen2's 151,936-token vocabulary (tied, as Qwen2-0.5B) and GQA (12 query / 2 key-value heads)
+    "qwen2-152k": dict(v_hidden=384, v_layers=6, v_heads=6, image=224, patch=14, hidden=768, layers=6, heads=12,
+                       kv_heads=2, inter=2048, vocab=151_936, family="qwen2", tie=True, batch=4, text=(64, 256)),
+    "tiny": dict(v_hidden=64, v_layers=2, v_heads=4, image=32, patch=8, hidden=64, layers=2, heads=4, kv_heads=2,
+                 inter=128, vocab=32_000, family="llama", batch=4, text=(16, 48)),
+}
+VARIANTS = {"mllm-kit": "mllm-kit", "hf": "transformers"}
+
+
+def make_batches(size: dict, image_token_id: int, pad_token_id: int, n: int) -> list[dict]:
+    """``n`` right-padded batches: per sample 4 text tokens, the image's tokens, then ``text`` tokens (the second
+    half supervised)."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    tokens = (size["image"] // size["patch"]) ** 2
+    low, high = size["text"]
+    batches = []
+    for _ in range(n):
+        rows = []
+        for _ in range(size["batch"]):
+            text = int(torch.randint(low, high + 1, (1,), generator=g))
+            words = torch.randint(10, 300, (4 + text,), generator=g)
+            ids = torch.cat([words[:4], torch.full((tokens,), image_token_id), words[4:]])
+            labels = ids.clone()
+            labels[: 4 + tokens + text // 2] = -100
+            rows.append((ids, labels))
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), pad_token_id)
+        labels = torch.full((len(rows), width), -100)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (i, l) in enumerate(rows):
+            ids[r, : len(i)], labels[r, : len(l)], mask[r, : len(i)] = i, l, 1
+        pixels = torch.randn(len(rows), 3, size["image"], size["image"], generator=g)
+        batches.append(dict(ids=ids, labels=labels, mask=mask, pixels=pixels, lengths=[len(i) for i, _ in rows]))
+    return batches
+
+
+def run_variant(variant: str, config: str, device: str, dtype: str, steps: int, warmup: int) -> dict:
+    """One process: build the variant, time its steps, report its fastest step, FLOPs and peak memory."""
+    import torch
+
+    from mllm_kit import Batch
+    from mllm_kit.flops import StepFlops
+    from mllm_kit.interop.llava import from_hf_llava
+    from mllm_kit.objectives.lm import LMObjective
+
+    size = CONFIGS[config]
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["MLLM_KIT_CACHE"] = tmp
+        llava, tok = build_llava(size)
+        data = make_batches(size, llava.config.image_token_index, tok.pad_token_id, steps + warmup)
+        model = llava if variant == "hf" else from_hf_llava(llava, tok, tmp)
+        if variant == "hf":
+            model.model.vision_tower.requires_grad_(False)
+        else:
+            del llava
+            model.encoder.requires_grad_(False)
+        model.to(device=device, dtype=getattr(torch, dtype)).train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        objective = LMObjective()
+
+        def batch_of(b: dict) -> Batch:
+            return Batch(input_ids=b["ids"], labels=b["labels"], attention_mask=b["mask"], pixel_values=b["pixels"].to(getattr(torch, dtype)),
+                         images_per_sample=[1] * len(b["ids"]), num_image_tokens=b["pixels"].shape[0] * (size["image"] // size["patch"]) ** 2,
+                         num_loss_tokens=int((b["labels"][:, 1:] != -100).sum()), row_lengths=b["lengths"]).to(device)
+
+        batches = [batch_of(b) for b in data]
+        flops = []
+        if variant == "mllm-kit":  # what each variant computes: transformers' LLaVA applies the head at every position
+            counter = StepFlops(model)
+            for b in batches:
+                ours, everywhere = counter(b), counter(b, head_rows=b.input_ids.numel())
+                flops.append({"model": ours.model_flops, "hardware": ours.hardware_flops, "llm_only": ours.without_vision.model_flops,
+                              "hf_model": everywhere.model_flops, "hf_llm_only": everywhere.without_vision.model_flops})
+        it = iter(batches)
+
+        def step() -> None:
+            b = next(it)
+            if variant == "hf":
+                loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values, labels=b.labels).loss
+            else:
+                loss = objective(model(b), b, None)["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds = seconds_each({variant: step}, steps, warmup, device)[variant]
+        peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        timed = batches[warmup:]
+        fastest = min(range(len(seconds)), key=seconds.__getitem__)
+        return {"variant": variant, "step_s": seconds[fastest], "flops": flops[warmup + fastest] if flops else None,
+                "tokens": sum(timed[fastest].row_lengths), "positions": int(timed[fastest].input_ids.numel()), "peak_mib": peak,
+                "params": sum(p.numel() for p in model.parameters())}
+
+
+def summarise(config: str, runs: dict[str, list[dict]], peak: float, peak_source: str) -> dict:
+    """Min / median over repeats; MFU against ``peak`` (FLOP/s) with each variant's own FLOP count."""
+    ours = runs["mllm-kit"]
+    out = {"config": config, "size": CONFIGS[config], "peak_tflops": peak / 1e12, "peak_source": peak_source, "variants": {}}
+    for variant, rows in runs.items():
+        key = "hf_model" if variant == "hf" else "model"
+        flops = [r["flops"][key] for r in ours]  # the same batches in every process: the counts are the mllm-kit child's
+        llm_only = [r["flops"]["hf_llm_only" if variant == "hf" else "llm_only"] for r in ours]
+        step = [r["step_s"] for r in rows]
+        tokens = [r["tokens"] / r["step_s"] for r in rows]
+        mfu = [f / r["step_s"] / peak for f, r in zip(flops, rows)]
+        out["variants"][variant] = {
+            "step_s": {"min": min(step), "median": statistics.median(step)},
+            "tokens_per_s": {"max": max(tokens), "median": statistics.median(tokens)},
+            "tflops": {"max": max(f / r["step_s"] for f, r in zip(flops, rows)) / 1e12,
+                       "median": statistics.median(f / r["step_s"] for f, r in zip(flops, rows)) / 1e12},
+            "mfu": {"max": max(mfu), "median": statistics.median(mfu)},
+            "mfu_llm_only": {"median": statistics.median(f / r["step_s"] / peak for f, r in zip(llm_only, rows))},
+            "model_flops_per_step": statistics.median(flops),
+            "peak_mib": {"min": min(r["peak_mib"] for r in rows), "median": statistics.median(r["peak_mib"] for r in rows)},
+            "params": rows[0]["params"],
+            "padding_waste": 1 - rows[0]["tokens"] / rows[0]["positions"],
+        }
+    return out
+
+
+def print_table(summary: dict, device: str) -> None:
+    print(f"\n{summary['config']} on {device}: peak {summary['peak_tflops']:.3f} TFLOP/s ({summary['peak_source']})")
+    print("| variant | params | step time (s) min / median | tokens/s | TFLOP/s | MFU | MFU, LLM only | peak memory (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for variant, v in summary["variants"].items():
+        print(f"| {VARIANTS[variant]} | {v['params'] / 1e6:.1f}M | {v['step_s']['min']:.3f} / {v['step_s']['median']:.3f} | "
+              f"{v['tokens_per_s']['median']:,.0f} | {v['tflops']['median']:.3f} | {v['mfu']['median']:.1%} | "
+              f"{v['mfu_llm_only']['median']:.1%} | {v['peak_mib']['median']:,.0f} |")
+
+
+def main() -> None:
+    parser = timing_parser(__doc__, steps=5, warmup=2)
+    parser.add_argument("--config", nargs="+", default=["llava-100m", "qwen2-152k"], choices=sorted(CONFIGS))
+    parser.add_argument("--compare", choices=["hf"], help="also run transformers' LlavaForConditionalGeneration")
+    parser.add_argument("--repeats", type=int, default=5, help="round-robin repeats, one process per variant each")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: all cores)")
+    parser.add_argument("--json", metavar="PATH", help="write the results here")
+    parser.add_argument("--child", nargs=2, metavar=("VARIANT", "CONFIG"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    threads = args.threads or os.cpu_count() or 1
+    import torch
+
+    torch.set_num_threads(threads)
+    if args.child:
+        print(json.dumps(run_variant(args.child[0], args.child[1], args.device, args.dtype, args.steps, args.warmup)))
+        return
+    from mllm_kit.training.perf import peak_flops
+
+    precision = {"float32": "32-true", "bfloat16": "bf16-true", "float16": "16-true"}[args.dtype]
+    peak = peak_flops(args.device, precision)
+    if peak.flops is None:
+        raise SystemExit(f"no peak FLOP/s for this device ({peak.source}).")
+    print(f"peak: {peak.flops / 1e12:.3f} TFLOP/s ({peak.source})")
+    variants = ["mllm-kit", *([args.compare] if args.compare else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    results = []
+    for config in args.config:
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        for _ in range(args.repeats):
+            for variant in variants:
+                cmd = [sys.executable, __file__, "--child", variant, config, "--device", args.device, "--dtype", args.dtype,
+                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(threads)]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+                if out.returncode:
+                    raise SystemExit(f"{variant} on {config} failed:\n{out.stderr[-4000:]}")
+                runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        summary = summarise(config, runs, peak.flops, peak.source)
+        summary.update(device=args.device, dtype=args.dtype, threads=threads, steps=args.steps, warmup=args.warmup, repeats=args.repeats)
+        print_table(summary, args.device)
+        results.append(summary)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
