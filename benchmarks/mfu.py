@@ -44,7 +44,7 @@ CONFIGS = {
     "tiny": dict(v_hidden=64, v_layers=2, v_heads=4, image=32, patch=8, hidden=64, layers=2, heads=4, kv_heads=2,
                  inter=128, vocab=32_000, family="llama", batch=4, text=(16, 48)),
 }
-VARIANTS = {"mllm-kit": "mllm-kit", "hf": "transformers"}
+VARIANTS = {"mllm-kit": "mllm-kit", "compiled": "mllm-kit, trainer.compile", "hf": "transformers"}
 
 
 def make_batches(size: dict, image_token_id: int, pad_token_id: int, n: int) -> list[dict]:
@@ -91,6 +91,8 @@ def run_variant(variant: str, config: str, device: str, dtype: str, steps: int, 
         llava, tok = build_llava(size)
         data = make_batches(size, llava.config.image_token_index, tok.pad_token_id, steps + warmup)
         model = llava if variant == "hf" else from_hf_llava(llava, tok, tmp)
+        if variant == "compiled":  # what trainer.compile does; the warm-up steps include the compilation
+            model.compile_blocks()
         if variant == "hf":
             model.model.vision_tower.requires_grad_(False)
         else:
@@ -107,7 +109,7 @@ def run_variant(variant: str, config: str, device: str, dtype: str, steps: int, 
 
         batches = [batch_of(b) for b in data]
         flops = []
-        if variant == "mllm-kit":  # what each variant computes: transformers' LLaVA applies the head at every position
+        if variant != "hf":  # what each variant computes: transformers' LLaVA applies the head at every position
             counter = StepFlops(model)
             for b in batches:
                 ours, everywhere = counter(b), counter(b, head_rows=b.input_ids.numel())
@@ -176,6 +178,7 @@ def main() -> None:
     parser = timing_parser(__doc__, steps=5, warmup=2)
     parser.add_argument("--config", nargs="+", default=["llava-100m", "qwen2-152k"], choices=sorted(CONFIGS))
     parser.add_argument("--compare", choices=["hf"], help="also run transformers' LlavaForConditionalGeneration")
+    parser.add_argument("--compile", action="store_true", help="also run mllm-kit with its blocks compiled (trainer.compile)")
     parser.add_argument("--repeats", type=int, default=5, help="round-robin repeats, one process per variant each")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: all cores)")
@@ -196,7 +199,7 @@ def main() -> None:
     if peak.flops is None:
         raise SystemExit(f"no peak FLOP/s for this device ({peak.source}).")
     print(f"peak: {peak.flops / 1e12:.3f} TFLOP/s ({peak.source})")
-    variants = ["mllm-kit", *([args.compare] if args.compare else [])]
+    variants = ["mllm-kit", *(["compiled"] if args.compile else []), *([args.compare] if args.compare else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     results = []
     for config in args.config:
