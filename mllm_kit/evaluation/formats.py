@@ -23,7 +23,6 @@ from typing import Any
 from PIL import Image
 
 from mllm_kit.data.formats import parse_record, read_json_records
-from mllm_kit.data.templates import IMAGE_PLACEHOLDER
 from mllm_kit.errors import DataError, sample_ref
 from mllm_kit.inference import Prompt
 
@@ -207,7 +206,3 @@ def with_suffix(items: Sequence[Item], suffix: str) -> list[Item]:
     for item in items:
         item.prompt.text = f"{item.prompt.text}\n{suffix}" if item.prompt.text else suffix
     return list(items)
-
-
-def image_count(item: Item) -> int:
-    return len(item.prompt.images) or item.prompt.text.count(IMAGE_PLACEHOLDER)
