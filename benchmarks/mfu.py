@@ -8,8 +8,9 @@ are ``mllm_kit.flops``'s closed form — encoder, connector, LLM and LM head, ba
 applies the head at every position, so its count is the same model's with the head on all rows. The peak is the
 device's (``mllm_kit.training.perf.peak_flops``): on CPU the measured fp32 matmul peak at the thread count used.
 
-Each repeat runs every variant once, round-robin, in a process of its own (so each peak memory is its own: peak RSS
-on CPU, max allocated on CUDA); a process times ``--steps`` steps after ``--warmup`` and keeps its fastest; the
+The model is built once, saved as a LLaVA-HF checkpoint and converted to mllm-kit on disk; each repeat runs every
+variant once, round-robin, in a process of its own that loads only its model (so each peak memory is its own: peak
+RSS on CPU, max allocated on CUDA); a process times ``--steps`` steps after ``--warmup`` and keeps its fastest; the
 table gives the min / median over ``--repeats``.
 
     python benchmarks/mfu.py                                   # both configs, mllm-kit alone
@@ -44,7 +45,8 @@ CONFIGS = {
     "tiny": dict(v_hidden=64, v_layers=2, v_heads=4, image=32, patch=8, hidden=64, layers=2, heads=4, kv_heads=2,
                  inter=128, vocab=32_000, family="llama", batch=4, text=(16, 48)),
 }
-VARIANTS = {"mllm-kit": "mllm-kit", "compiled": "mllm-kit, trainer.compile", "hf": "transformers"}
+VARIANTS = {"mllm-kit": "mllm-kit", "compiled": "mllm-kit, trainer.compile", "bf16-encoder": "mllm-kit, frozen encoder in bf16",
+            "hf": "transformers"}
 
 
 def make_batches(size: dict, image_token_id: int, pad_token_id: int, n: int) -> list[dict]:
@@ -76,66 +78,84 @@ def make_batches(size: dict, image_token_id: int, pad_token_id: int, n: int) -> 
     return batches
 
 
-def run_variant(variant: str, config: str, device: str, dtype: str, steps: int, warmup: int) -> dict:
-    """One process: build the variant, time its steps, report its fastest step, FLOPs and peak memory."""
-    import torch
-
-    from mllm_kit import Batch
-    from mllm_kit.flops import StepFlops
+def save_models(config: str, root: str) -> str:
+    """Build the random LLaVA of ``config`` once and write it twice under ``root``: as a LLaVA-HF checkpoint
+    (``hf/``) and converted to mllm-kit (``mllm-kit/``), so that every child only loads its own model from disk and
+    its peak memory is that model's, not the converter's."""
     from mllm_kit.interop.llava import from_hf_llava
+
+    os.environ["MLLM_KIT_CACHE"] = os.path.join(root, "cache")
+    llava, tok = build_llava(CONFIGS[config])
+    llava.save_pretrained(os.path.join(root, "hf"))
+    tok.save_pretrained(os.path.join(root, "hf"))
+    from_hf_llava(llava, tok, os.path.join(root, "parts")).save_pretrained(os.path.join(root, "mllm-kit"))
+    return root
+
+
+def run_variant(variant: str, config: str, models: str, device: str, dtype: str, steps: int, warmup: int) -> dict:
+    """One process: load the variant from ``models`` (:func:`save_models`), time its steps, report its fastest step,
+    FLOPs and peak memory."""
+    import torch
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from mllm_kit import MLLM, Batch
+    from mllm_kit.flops import StepFlops
     from mllm_kit.objectives.lm import LMObjective
 
     size = CONFIGS[config]
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["MLLM_KIT_CACHE"] = tmp
-        llava, tok = build_llava(size)
-        data = make_batches(size, llava.config.image_token_index, tok.pad_token_id, steps + warmup)
-        model = llava if variant == "hf" else from_hf_llava(llava, tok, tmp)
+    os.environ["MLLM_KIT_CACHE"] = os.path.join(models, "cache")
+    tok = AutoTokenizer.from_pretrained(os.path.join(models, "hf"))
+    if variant == "hf":
+        model = LlavaForConditionalGeneration.from_pretrained(os.path.join(models, "hf"), dtype=torch.float32)
+        model.model.vision_tower.requires_grad_(False)
+        image_token_id = model.config.image_token_index
+    else:
+        model = MLLM.from_pretrained(os.path.join(models, "mllm-kit"))
+        model.encoder.requires_grad_(False)
+        image_token_id = model.image_token_id
         if variant == "compiled":  # what trainer.compile does; the warm-up steps include the compilation
             model.compile_blocks()
+    data = make_batches(size, image_token_id, tok.pad_token_id, steps + warmup)
+    model.to(device=device, dtype=getattr(torch, dtype)).train()
+    if variant == "bf16-encoder":  # what the encoder's `dtype: bfloat16` option gives
+        model.encoder.to(torch.bfloat16)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    objective = LMObjective()
+
+    def batch_of(b: dict) -> Batch:
+        return Batch(input_ids=b["ids"], labels=b["labels"], attention_mask=b["mask"], pixel_values=b["pixels"].to(getattr(torch, dtype)),
+                     images_per_sample=[1] * len(b["ids"]), num_image_tokens=b["pixels"].shape[0] * (size["image"] // size["patch"]) ** 2,
+                     num_loss_tokens=int((b["labels"][:, 1:] != -100).sum()), row_lengths=b["lengths"]).to(device)
+
+    batches = [batch_of(b) for b in data]
+    flops = []
+    if variant != "hf":  # what each variant computes: transformers' LLaVA applies the head at every position
+        counter = StepFlops(model)
+        for b in batches:
+            ours, everywhere = counter(b), counter(b, head_rows=b.input_ids.numel())
+            flops.append({"model": ours.model_flops, "hardware": ours.hardware_flops, "llm_only": ours.without_vision.model_flops,
+                          "hf_model": everywhere.model_flops, "hf_llm_only": everywhere.without_vision.model_flops})
+    it = iter(batches)
+
+    def step() -> None:
+        b = next(it)
         if variant == "hf":
-            model.model.vision_tower.requires_grad_(False)
+            loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values, labels=b.labels).loss
         else:
-            del llava
-            model.encoder.requires_grad_(False)
-        model.to(device=device, dtype=getattr(torch, dtype)).train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        objective = LMObjective()
+            loss = objective(model(b), b, None)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-        def batch_of(b: dict) -> Batch:
-            return Batch(input_ids=b["ids"], labels=b["labels"], attention_mask=b["mask"], pixel_values=b["pixels"].to(getattr(torch, dtype)),
-                         images_per_sample=[1] * len(b["ids"]), num_image_tokens=b["pixels"].shape[0] * (size["image"] // size["patch"]) ** 2,
-                         num_loss_tokens=int((b["labels"][:, 1:] != -100).sum()), row_lengths=b["lengths"]).to(device)
-
-        batches = [batch_of(b) for b in data]
-        flops = []
-        if variant != "hf":  # what each variant computes: transformers' LLaVA applies the head at every position
-            counter = StepFlops(model)
-            for b in batches:
-                ours, everywhere = counter(b), counter(b, head_rows=b.input_ids.numel())
-                flops.append({"model": ours.model_flops, "hardware": ours.hardware_flops, "llm_only": ours.without_vision.model_flops,
-                              "hf_model": everywhere.model_flops, "hf_llm_only": everywhere.without_vision.model_flops})
-        it = iter(batches)
-
-        def step() -> None:
-            b = next(it)
-            if variant == "hf":
-                loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values, labels=b.labels).loss
-            else:
-                loss = objective(model(b), b, None)["loss"]
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        seconds = seconds_each({variant: step}, steps, warmup, device)[variant]
-        peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        timed = batches[warmup:]
-        fastest = min(range(len(seconds)), key=seconds.__getitem__)
-        return {"variant": variant, "step_s": seconds[fastest], "flops": flops[warmup + fastest] if flops else None,
-                "tokens": sum(timed[fastest].row_lengths), "positions": int(timed[fastest].input_ids.numel()), "peak_mib": peak,
-                "params": sum(p.numel() for p in model.parameters())}
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = seconds_each({variant: step}, steps, warmup, device)[variant]
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    timed = batches[warmup:]
+    fastest = min(range(len(seconds)), key=seconds.__getitem__)
+    return {"variant": variant, "step_s": seconds[fastest], "flops": flops[warmup + fastest] if flops else None,
+            "tokens": sum(timed[fastest].row_lengths), "positions": int(timed[fastest].input_ids.numel()), "peak_mib": peak,
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 def summarise(config: str, runs: dict[str, list[dict]], peak: float, peak_source: str) -> dict:
@@ -179,18 +199,19 @@ def main() -> None:
     parser.add_argument("--config", nargs="+", default=["llava-100m", "qwen2-152k"], choices=sorted(CONFIGS))
     parser.add_argument("--compare", choices=["hf"], help="also run transformers' LlavaForConditionalGeneration")
     parser.add_argument("--compile", action="store_true", help="also run mllm-kit with its blocks compiled (trainer.compile)")
+    parser.add_argument("--bf16-encoder", action="store_true", help="also run mllm-kit with the frozen encoder held in bfloat16")
     parser.add_argument("--repeats", type=int, default=5, help="round-robin repeats, one process per variant each")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: all cores)")
     parser.add_argument("--json", metavar="PATH", help="write the results here")
-    parser.add_argument("--child", nargs=2, metavar=("VARIANT", "CONFIG"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("VARIANT", "CONFIG", "MODELS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     threads = args.threads or os.cpu_count() or 1
     import torch
 
     torch.set_num_threads(threads)
     if args.child:
-        print(json.dumps(run_variant(args.child[0], args.child[1], args.device, args.dtype, args.steps, args.warmup)))
+        print(json.dumps(run_variant(*args.child, args.device, args.dtype, args.steps, args.warmup)))
         return
     from mllm_kit.training.perf import peak_flops
 
@@ -199,19 +220,22 @@ def main() -> None:
     if peak.flops is None:
         raise SystemExit(f"no peak FLOP/s for this device ({peak.source}).")
     print(f"peak: {peak.flops / 1e12:.3f} TFLOP/s ({peak.source})")
-    variants = ["mllm-kit", *(["compiled"] if args.compile else []), *([args.compare] if args.compare else [])]
+    variants = ["mllm-kit", *(["compiled"] if args.compile else []), *(["bf16-encoder"] if args.bf16_encoder else []),
+                *([args.compare] if args.compare else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     results = []
     for config in args.config:
         runs: dict[str, list[dict]] = {v: [] for v in variants}
-        for _ in range(args.repeats):
-            for variant in variants:
-                cmd = [sys.executable, __file__, "--child", variant, config, "--device", args.device, "--dtype", args.dtype,
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(threads)]
-                out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-                if out.returncode:
-                    raise SystemExit(f"{variant} on {config} failed:\n{out.stderr[-4000:]}")
-                runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        with tempfile.TemporaryDirectory() as tmp:
+            models = save_models(config, tmp)
+            for _ in range(args.repeats):
+                for variant in variants:
+                    cmd = [sys.executable, __file__, "--child", variant, config, models, "--device", args.device, "--dtype",
+                           args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(threads)]
+                    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+                    if out.returncode:
+                        raise SystemExit(f"{variant} on {config} failed:\n{out.stderr[-4000:]}")
+                    runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
         summary = summarise(config, runs, peak.flops, peak.source)
         summary.update(device=args.device, dtype=args.dtype, threads=threads, steps=args.steps, warmup=args.warmup, repeats=args.repeats)
         print_table(summary, args.device)

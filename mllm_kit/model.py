@@ -199,6 +199,9 @@ class MLLM(nn.Module):
             raise ConfigError(f"the batch carries high-resolution crops but connector {type(self.connector).__name__} reads none.")
         else:
             features = self.connector.encode_views(self.encoder, pixel_values, crop_pixel_values, list(crop_grids or []))
+        if not torch.is_autocast_enabled(pixel_values.device.type):  # autocast casts per op; otherwise the connector's dtype
+            dtype = next((p.dtype for p in self.connector.parameters() if p.is_floating_point()), None)
+            features = [f.to(dtype) for f in features] if dtype is not None else features
         if image_sizes is not None:
             for f in features:
                 f.image_sizes = [tuple(size) for size in image_sizes]

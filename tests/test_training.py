@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from mllm_kit.data.collate import PadCollator
 from mllm_kit.objectives.base import shifted_token_ce
 from mllm_kit.config import recipe_from_dict
+from mllm_kit.errors import ConfigError
 from mllm_kit.training.checkpoint import AtomicCheckpointIO
 from mllm_kit.training.runner import RunState, prepare_stage
 
@@ -179,3 +180,36 @@ def test_bf16_mixed_precision_and_activation_checkpointing_train(tmp_path, tiny_
     assert prepared.model.llm.model.is_gradient_checkpointing
     after = prepared.model.connector.mlp[0].weight.detach()
     assert torch.isfinite(after).all() and not torch.equal(before, after)
+
+
+def test_a_frozen_bfloat16_encoder_feeds_an_fp32_connector(tmp_path, tiny_recipe):
+    """``model.encoder.dtype: bfloat16`` with the encoder frozen: the tower runs in bf16, the connector and LLM train
+    in fp32 on its features cast once (the same features as the tower's own output, upcast)."""
+    data = tiny_recipe(max_steps=2)
+    data["model"]["encoder"] = {**data["model"]["encoder"], "dtype": "bfloat16"}
+    prepared = prepare_stage(recipe_from_dict(data), 0, tmp_path, RunState.load(tmp_path))
+    model = prepared.model
+    assert model.encoder.dtype == torch.bfloat16 and model.connector.mlp[0].weight.dtype == torch.float32
+    pixels = torch.randn(2, 3, model.encoder.image_size, model.encoder.image_size)
+    with torch.no_grad():
+        tokens = model.encode_images(pixels).tokens
+        expected = model.connector([f.to(torch.float32) for f in model.encoder.features(pixels)]).tokens
+    assert tokens.dtype == torch.float32 and torch.equal(tokens, expected)
+    before = model.connector.mlp[0].weight.detach().clone()
+    _fit(prepared)
+    after = model.connector.mlp[0].weight.detach()
+    assert after.dtype == torch.float32 and torch.isfinite(after).all() and not torch.equal(before, after)
+
+
+@pytest.mark.parametrize("precision, refused", [("32-true", True), ("bf16-mixed", True), ("bf16-true", False)])
+def test_training_a_bfloat16_part_needs_a_bf16_true_stage(tmp_path, tiny_recipe, precision, refused):
+    data = tiny_recipe()
+    data["model"]["encoder"] = {**data["model"]["encoder"], "dtype": "bfloat16"}
+    data["trainer"]["precision"] = precision
+    data["stages"][0]["trainable"] = ["connector", "encoder"]
+    recipe = recipe_from_dict(data)
+    if not refused:
+        prepare_stage(recipe, 0, tmp_path, RunState.load(tmp_path))
+        return
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.trainable: encoder holds its weights in half precision.*bf16-true"):
+        prepare_stage(recipe, 0, tmp_path, RunState.load(tmp_path))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +41,14 @@ class VisualFeatures:
         head = tuple(h[:n] for h in self.hidden_states)
         tail = tuple(h[n:] for h in self.hidden_states)
         return VisualFeatures(head, self.grid, self.selected_layer), VisualFeatures(tail, self.grid, self.selected_layer)
+
+    def to(self, dtype: torch.dtype) -> VisualFeatures:
+        """The same features in ``dtype`` (itself when they already are): an encoder held in another precision than
+        the connector (a frozen ``dtype: bfloat16`` tower) hands its features over in the connector's."""
+        crops = self.crops.to(dtype) if self.crops is not None else None
+        if crops is self.crops and all(h.dtype == dtype for h in self.hidden_states):
+            return self
+        return replace(self, hidden_states=tuple(h.to(dtype) for h in self.hidden_states), crops=crops)
 
     @property
     def selected(self) -> torch.Tensor:

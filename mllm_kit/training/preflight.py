@@ -90,7 +90,7 @@ def check_run(recipe: Recipe, indices: list[int], model: MLLM, teachers: Teacher
                      stage.name, type(err).__name__, err)
             return False
         where = f"stages[{i}] ({stage.name!r})"
-        apply_trainable(shadow, stage.trainable, where=f"{where}.trainable")
+        apply_trainable(shadow, stage.trainable, where=f"{where}.trainable", precision=stage.trainer.precision)
         teacher = None  # a teacher stage this run trains first: its skeleton; any other: loaded once (and kept for the stage)
         if stage.teacher is not None and stage.teacher.form == "stage" and stage.teacher.stage in finals:
             teacher = finals[stage.teacher.stage]

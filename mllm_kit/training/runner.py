@@ -103,7 +103,7 @@ def prepare_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, re
     stage_dir = run_dir / stage.name
     model = model if model is not None else stage_model(recipe, index, state)  # seeds the stage's RNG streams
     apply_transforms(model, stage)
-    counts = apply_trainable(model, stage.trainable, where=f"{where}.trainable")
+    counts = apply_trainable(model, stage.trainable, where=f"{where}.trainable", precision=stage.trainer.precision)
     log.info("%s", format_table(counts, f"stage {stage.name!r}: parameters"))
     if stage.trainer.activation_checkpointing:
         model.enable_activation_checkpointing()

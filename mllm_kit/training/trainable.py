@@ -7,6 +7,7 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from mllm_kit.errors import ConfigError, did_you_mean
@@ -23,8 +24,13 @@ def _matcher(pattern: str):
     return lambda name: name == pattern or name.startswith(pattern + ".")
 
 
-def apply_trainable(model: nn.Module, patterns: Sequence[str], where: str = "trainable") -> dict[str, tuple[int, int]]:
-    """Set ``requires_grad`` from ``patterns``; return ``{top-level module: (trainable, frozen)}`` parameter counts."""
+def apply_trainable(model: nn.Module, patterns: Sequence[str], where: str = "trainable",
+                    precision: str | None = None) -> dict[str, tuple[int, int]]:
+    """Set ``requires_grad`` from ``patterns``; return ``{top-level module: (trainable, frozen)}`` parameter counts.
+
+    With the stage's ``precision``, a trained parameter held in half precision (a part loaded with ``dtype: bfloat16``)
+    is refused unless the whole stage computes in it (``bf16-true``/``16-true``): mixed and fp32 training keep fp32
+    master weights, and an optimizer stepping half-precision weights loses the small updates."""
     names = [n for n, _ in model.named_parameters()]
     matchers = [(p, _matcher(p)) for p in patterns]
     for pattern, match in matchers:
@@ -38,6 +44,12 @@ def apply_trainable(model: nn.Module, patterns: Sequence[str], where: str = "tra
         counts[name.split(".")[0]][0 if on else 1] += param.numel()
     if not any(c[0] for c in counts.values()):
         raise ConfigError(f"{where}: nothing is trainable.")
+    if precision is not None and precision not in ("bf16-true", "16-true"):
+        half = sorted({n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)})
+        if half:
+            raise ConfigError(f"{where}: {', '.join(half)} holds its weights in half precision (its `dtype` option) and this stage "
+                              f"trains it under precision {precision!r}; freeze it (a frozen encoder may stay in bfloat16), "
+                              "load it in float32, or train the whole stage with trainer.precision: bf16-true.")
     return {k: (v[0], v[1]) for k, v in counts.items()}
 
 
