@@ -10,7 +10,7 @@ device's (``mllm_kit.training.perf.peak_flops``): on CPU the measured fp32 matmu
 
 The model is built once, saved as a LLaVA-HF checkpoint and converted to mllm-kit on disk; each repeat runs every
 variant once, round-robin, in a process of its own that loads only its model (so each peak memory is its own: peak
-RSS on CPU, max allocated on CUDA); a process times ``--steps`` steps after ``--warmup`` and keeps its fastest; the
+RSS on CPU (VmHWM, reset after loading), max allocated on CUDA); a process times ``--steps`` steps after ``--warmup`` and keeps its fastest; the
 table gives the min / median over ``--repeats``.
 
     python benchmarks/mfu.py                                   # both configs, mllm-kit alone
@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 
-from timing import seconds_each, timing_parser
+from timing import peak_memory_mib, reset_peak_memory, seconds_each, timing_parser
 from train_step import build_llava
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -147,10 +146,9 @@ def run_variant(variant: str, config: str, models: str, device: str, dtype: str,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)
     seconds = seconds_each({variant: step}, steps, warmup, device)[variant]
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_memory_mib(device)
     timed = batches[warmup:]
     fastest = min(range(len(seconds)), key=seconds.__getitem__)
     return {"variant": variant, "step_s": seconds[fastest], "flops": flops[warmup + fastest] if flops else None,

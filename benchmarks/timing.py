@@ -44,3 +44,30 @@ def timing_parser(doc: str | None, steps: int, warmup: int) -> argparse.Argument
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--warmup", type=int, default=warmup)
     return parser
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start counting peak memory from here: CUDA's allocator peak, or on Linux the process's peak RSS (VmHWM, reset
+    through ``/proc/self/clear_refs``) — so loading and converting a model do not count toward a training step's peak."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux: peak_memory_mib falls back to the lifetime peak
+        pass
+
+
+def peak_memory_mib(device: str) -> float:
+    """Peak memory since :func:`reset_peak_memory`, MiB: CUDA max allocated, else VmHWM (the lifetime ``ru_maxrss``
+    where ``/proc`` is missing)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-from timing import timing_parser
+from timing import peak_memory_mib, reset_peak_memory, timing_parser
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -94,8 +93,7 @@ def run_variant(variant: str, size_name: str, device: str, steps: int, warmup: i
         objective = LMObjective()
         batches = make_batches(size, image_token_id, steps + warmup)
         times = []
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory(device)
         for i, (ids, labels, pixels) in enumerate(batches):
             ids, labels, pixels = ids.to(device), labels.to(device), pixels.to(device)
             if device == "cuda":
@@ -113,7 +111,7 @@ def run_variant(variant: str, size_name: str, device: str, steps: int, warmup: i
                 torch.cuda.synchronize()
             if i >= warmup:
                 times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = peak_memory_mib(device)
         n_params = sum(p.numel() for p in model.parameters())
     return {"variant": variant, "size": size_name, "median_ms": 1000 * statistics.median(times), "peak_mb": peak, "params": n_params}
 

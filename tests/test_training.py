@@ -213,3 +213,17 @@ def test_training_a_bfloat16_part_needs_a_bf16_true_stage(tmp_path, tiny_recipe,
         return
     with pytest.raises(ConfigError, match=r"stages\[0\]\.trainable: encoder holds its weights in half precision.*bf16-true"):
         prepare_stage(recipe, 0, tmp_path, RunState.load(tmp_path))
+
+
+def test_the_progress_bar_counts_epochs_against_the_step_budget():
+    """The trainer runs ``max_epochs=-1``; the bar's description reads the stage's epochs (900 steps of 375 batches:
+    epochs 0..2), not Lightning's "Epoch 0/-2"."""
+    from types import SimpleNamespace
+
+    from mllm_kit.training.runner import StepBudgetProgressBar
+
+    bar = StepBudgetProgressBar("sft")
+    bar._trainer = SimpleNamespace(max_steps=900, accumulate_grad_batches=1, num_training_batches=375)
+    assert bar._get_train_description(0).strip() == "sft epoch 0/2"
+    bar._trainer = SimpleNamespace(max_steps=10, accumulate_grad_batches=4, num_training_batches=12)
+    assert bar._get_train_description(1).strip() == "sft epoch 1/3"

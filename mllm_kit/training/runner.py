@@ -19,7 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
 from mllm_kit.config.recipe import SHARDED_STRATEGIES, Recipe, Stage
 from mllm_kit.errors import ConfigError
@@ -45,6 +45,23 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARN
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
+class StepBudgetProgressBar(RichProgressBar):
+    """Lightning's rich bar, its epoch counted against the stage's step budget: the trainer runs ``max_epochs=-1``
+    (a stage is ``max_steps`` long), for which Lightning's own description reads "Epoch 0/-2"."""
+
+    def __init__(self, stage: str, leave: bool = True) -> None:
+        super().__init__(leave=leave)
+        self.stage = stage
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        t = self.trainer
+        description = f"{self.stage} epoch {current_epoch}"
+        batches = t.num_training_batches
+        if t.max_steps > 0 and isinstance(batches, int) and batches > 0:
+            description += f"/{math.ceil(t.max_steps * t.accumulate_grad_batches / batches) - 1}"
+        return f"{description:{len(self.validation_description)}}"
+
+
 def make_trainer(stage: Stage, stage_dir: Path | None, *, max_steps: int = -1, accumulate: int = 1, validate: bool = False,
                  extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
     """The Lightning Trainer of a stage, every setting given at construction. Without ``stage_dir``: for evaluation."""
@@ -53,9 +70,7 @@ def make_trainer(stage: Stage, stage_dir: Path | None, *, max_steps: int = -1, a
         raise ConfigError(f"stage {stage.name!r}: trainer.strategy={t.strategy!r} needs DeepSpeed: pip install 'mllm-kit[deepspeed]'.")
     callbacks: list[Any] = []
     if t.progress:
-        from lightning.pytorch.callbacks import RichProgressBar
-
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(StepBudgetProgressBar(stage.name, leave=True))
     common = dict(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
                   deterministic=t.deterministic, enable_model_summary=False, enable_progress_bar=t.progress, num_sanity_val_steps=0)
     if stage_dir is None:  # evaluation: one process on the stage's accelerator (no launcher for a CLI command)
