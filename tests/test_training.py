@@ -215,9 +215,9 @@ def test_training_a_bfloat16_part_needs_a_bf16_true_stage(tmp_path, tiny_recipe,
         prepare_stage(recipe, 0, tmp_path, RunState.load(tmp_path))
 
 
-def test_the_progress_bar_counts_epochs_against_the_step_budget():
+def test_the_progress_bar_counts_against_the_step_budget():
     """The trainer runs ``max_epochs=-1``; the bar's description reads the stage's epochs (900 steps of 375 batches:
-    epochs 0..2), not Lightning's "Epoch 0/-2"."""
+    epochs 0..2), not Lightning's "Epoch 0/-2", and its total counts micro-batches under accumulation."""
     from types import SimpleNamespace
 
     from mllm_kit.training.runner import StepBudgetProgressBar
@@ -225,5 +225,8 @@ def test_the_progress_bar_counts_epochs_against_the_step_budget():
     bar = StepBudgetProgressBar("sft")
     bar._trainer = SimpleNamespace(max_steps=900, accumulate_grad_batches=1, num_training_batches=375)
     assert bar._get_train_description(0).strip() == "sft epoch 0/2"
-    bar._trainer = SimpleNamespace(max_steps=10, accumulate_grad_batches=4, num_training_batches=12)
+    bar._trainer = SimpleNamespace(max_steps=10, accumulate_grad_batches=4, num_training_batches=12, global_step=0)
     assert bar._get_train_description(1).strip() == "sft epoch 1/3"
+    assert bar.total_train_batches == 12  # a whole epoch of micro-batches
+    bar._trainer.global_step = 9  # the last epoch: one optimiser step of 4 micro-batches left
+    assert bar.total_train_batches == 4

@@ -46,12 +46,20 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 
 
 class StepBudgetProgressBar(RichProgressBar):
-    """Lightning's rich bar, its epoch counted against the stage's step budget: the trainer runs ``max_epochs=-1``
-    (a stage is ``max_steps`` long), for which Lightning's own description reads "Epoch 0/-2"."""
+    """Lightning's rich bar, counted against the stage's step budget: the trainer runs ``max_epochs=-1`` (a stage is
+    ``max_steps`` long), for which Lightning's own description reads "Epoch 0/-2" and its last epochs' totals count
+    the remaining optimiser steps as micro-batches ("12/8" under 2× accumulation)."""
 
     def __init__(self, stage: str, leave: bool = True) -> None:
         super().__init__(leave=leave)
         self.stage = stage
+
+    @property
+    def total_train_batches(self) -> int | float:
+        t = self.trainer
+        if t.max_steps > 0:
+            return min(t.num_training_batches, (t.max_steps - t.global_step) * t.accumulate_grad_batches)
+        return t.num_training_batches
 
     def _get_train_description(self, current_epoch: int) -> str:
         t = self.trainer
