@@ -8,10 +8,10 @@ are ``mllm_kit.flops``'s closed form — encoder, connector, LLM and LM head, ba
 applies the head at every position, so its count is the same model's with the head on all rows. The peak is the
 device's (``mllm_kit.training.perf.peak_flops``): on CPU the measured fp32 matmul peak at the thread count used.
 
-The model is built once, saved as a LLaVA-HF checkpoint and converted to mllm-kit on disk; each repeat runs every
-variant once, round-robin, in a process of its own that loads only its model (so each peak memory is its own: peak
-RSS on CPU (VmHWM, reset after loading), max allocated on CUDA); a process times ``--steps`` steps after ``--warmup`` and keeps its fastest; the
-table gives the min / median over ``--repeats``.
+The model is built once, saved as a LLaVA-HF checkpoint and converted to mllm-kit on disk. Each repeat runs every
+variant once, round-robin, in a process of its own that loads only its model, so each peak memory is that variant's
+training steps' alone (``timing.reset_peak_memory``: peak RSS on CPU, max allocated on CUDA). A process times
+``--steps`` steps after ``--warmup`` and keeps its fastest; the table gives the min / median over ``--repeats``.
 
     python benchmarks/mfu.py                                   # both configs, mllm-kit alone
     python benchmarks/mfu.py --config llava-100m --compare hf --repeats 5 --json mfu.json

@@ -81,4 +81,3 @@ def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("tiny_run") / "run"
     fit(recipe_from_dict(_tiny_recipe()), run)
     return run
-
