@@ -430,3 +430,21 @@ def test_activation_checkpointing_recomputes_a_trainable_encoder_with_equal_grad
     assert plain.keys() == recomputed.keys() and plain
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_features_cast_to_another_dtype_layer_by_layer_when_read():
+    """VisualFeatures.to (a bf16 tower feeding an fp32 connector): every way of reading a layer gives it in the new
+    dtype, equal to casting it, and a layer nobody reads is never copied."""
+    from mllm_kit.encoders.base import VisualFeatures
+
+    states = tuple(torch.randn(2, 4, 8, dtype=torch.bfloat16) for _ in range(4))
+    f = VisualFeatures(hidden_states=states, grid=(2, 2), selected_layer=2)
+    assert f.to(torch.bfloat16) is f
+    up = f.to(torch.float32)
+    assert torch.equal(up.selected, states[2].float()) and up.selected.dtype == torch.float32
+    assert up.selected is up.hidden_states[-2]  # cast once, then reused
+    assert set(up.hidden_states._cast) == {2}  # layers 0, 1, 3 not copied
+    assert [h.dtype for h in up.hidden_states] == [torch.float32] * 4
+    assert all(torch.equal(a, b.float()) for a, b in zip(up.hidden_states[1:3], states[1:3]))
+    with pytest.raises(IndexError):
+        up.hidden_states[4]

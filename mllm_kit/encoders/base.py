@@ -17,6 +17,26 @@ SelectFeature = Literal["patch", "cls_patch"]
 SELECT_FEATURES = ("patch", "cls_patch")
 
 
+class _CastOnRead(tuple):
+    """A tuple of tensors whose items come out in ``dtype``, each cast the first time it is read (VisualFeatures.to)."""
+
+    def __new__(cls, items: tuple[torch.Tensor, ...], dtype: torch.dtype) -> _CastOnRead:
+        self = super().__new__(cls, items)
+        self._dtype, self._cast = dtype, {}
+        return self
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        i = range(len(self))[index]  # negative indices, and IndexError as a tuple raises it
+        if i not in self._cast:
+            self._cast[i] = super().__getitem__(i).to(self._dtype)
+        return self._cast[i]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
 @dataclass
 class VisualFeatures:
     """Per-layer encoder outputs for a batch of images.
@@ -44,11 +64,12 @@ class VisualFeatures:
 
     def to(self, dtype: torch.dtype) -> VisualFeatures:
         """The same features in ``dtype`` (itself when they already are): an encoder held in another precision than
-        the connector (a frozen ``dtype: bfloat16`` tower) hands its features over in the connector's."""
+        the connector (a frozen ``dtype: bfloat16`` tower) hands its features over in the connector's. A layer is
+        cast when it is read, once: a connector reading one of 25 layers does not pay for 24 fp32 copies."""
         crops = self.crops.to(dtype) if self.crops is not None else None
         if crops is self.crops and all(h.dtype == dtype for h in self.hidden_states):
             return self
-        return replace(self, hidden_states=tuple(h.to(dtype) for h in self.hidden_states), crops=crops)
+        return replace(self, hidden_states=_CastOnRead(self.hidden_states, dtype), crops=crops)
 
     @property
     def selected(self) -> torch.Tensor:
