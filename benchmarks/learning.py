@@ -109,6 +109,7 @@ _MIX_SHAPE_BASE = ("model.encoder={name: mixture, members: {shape: " + _SHAPE + 
 _ISO = ["data.synthetic.palette=isoluminant"]
 _ANYRES_DATA = ("data.synthetic.tasks=[shape]", "data.synthetic.radius=[6,10]")
 _STEPS = "stages.sft.optim.max_steps=1800"
+_AT_16 = ["model.encoder.config.image_size=16", *_ANYRES_DATA]
 _ANYRES = "model.connector={preset: anyres, pinpoints: [[32, 64], [64, 32], [64, 64]]}"
 MIXTURES: dict[str, Variant] = {
     "mix_colour_only": Variant([f"model.encoder={_COLOUR}", *_ISO], "the colour member alone (8 px, 1 token) + mlp2x_gelu"),
@@ -129,9 +130,9 @@ MIXTURES: dict[str, Variant] = {
     # the fixed view shrinks them 4× (3-5 px across: circle, square and triangle confusable); AnyRes's best-fit grid
     # for a square image is 4×4 crops of 16 px, i.e. the native 64 px. Shape questions only, 1800 SFT steps (shape is
     # the late-learnt task).
-    "anyres_low": Variant(["model.encoder.config.image_size=16", *_ANYRES_DATA, _STEPS],
+    "anyres_low": Variant([*_AT_16, _STEPS],
                           "control: the encoder at 16 px (2×2 tokens) on 64 px images of small shapes, shape questions only"),
-    "anyres": Variant(["model.encoder.config.image_size=16", *_ANYRES_DATA, _ANYRES, _STEPS],
+    "anyres": Variant([*_AT_16, _ANYRES, _STEPS],
                       "AnyRes: the 16 px base view + a 4×4 grid of 16 px crops (4 + 8·9 = 76 tokens)"),
 }
 # The same data at a 32 px base, where the fixed view already resolves the shapes, so AnyRes has little to add; the
