@@ -108,11 +108,12 @@ def main() -> None:
             datasets[variant] = (LlavaDataset(paths.sft, paths.image_root, encoder, transform, max_length=args.max_length,
                                               records=records), trunc)
         for mode in modes:
-            def run(variant: str, mode: str = mode) -> None:
+            def run(variant: str, mode: str = mode, datasets: dict = datasets, tok=tok, image_id: int = image_id) -> None:
                 dataset, trunc = datasets[variant]
                 # A fresh encoder per pass: its caches start empty, as in a first epoch (or any epoch of a
                 # dataset larger than the caches), so only text repeated within the pass can hit.
-                dataset.encoder = variants[variant][0](tok, template, image_id, args.tokens_per_image, system_prompt="")
+                encoder = variants[variant][0](tok, template, image_id, args.tokens_per_image, system_prompt="")
+                dataset.view = replace(dataset.view, encoder=encoder)  # the dataset reads its encoder from its view
                 if mode == "encode":
                     for record in records:
                         trunc(dataset.encoder.encode(record.turns), args.max_length, "trim")

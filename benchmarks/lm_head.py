@@ -19,9 +19,10 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
+
+from timing import processes_each
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -84,14 +85,10 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.child[0], args.batch, args.length, float(args.child[1]), args.vocab, args.steps)))
         return
-    results: dict[tuple[str, float], list[dict]] = {}
-    for _ in range(args.repeats):
-        for supervised in args.supervised:
-            for variant in ("full", "gathered"):
-                cmd = [sys.executable, __file__, "--child", variant, str(supervised), "--batch", str(args.batch),
-                       "--length", str(args.length), "--vocab", str(args.vocab), "--steps", str(args.steps)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
-                results.setdefault((variant, supervised), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+    commands = {(variant, supervised): [sys.executable, __file__, "--child", variant, str(supervised), "--batch", str(args.batch),
+                                        "--length", str(args.length), "--vocab", str(args.vocab), "--steps", str(args.steps)]
+                for supervised in args.supervised for variant in ("full", "gathered")}
+    results = processes_each(commands, args.repeats, env={**os.environ, "OMP_NUM_THREADS": "2"})
     print(f"batch {args.batch} × {args.length} tokens, vocabulary {args.vocab:,}, {args.repeats} repeats (min / median)\n")
     print("| supervised | path | peak memory over the model (MiB) | step time (s) |")
     print("|---|---|---|---|")

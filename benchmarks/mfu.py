@@ -9,9 +9,12 @@ applies the head at every position, so its count is the same model's with the he
 device's (``mllm_kit.training.perf.peak_flops``): on CPU the measured fp32 matmul peak at the thread count used.
 
 The model is built once, saved as a LLaVA-HF checkpoint and converted to mllm-kit on disk. Each repeat runs every
-variant once, round-robin, in a process of its own that loads only its model, so each peak memory is that variant's
-training steps' alone (``timing.reset_peak_memory``: peak RSS on CPU, max allocated on CUDA). A process times
-``--steps`` steps after ``--warmup`` and keeps its fastest; the table gives the min / median over ``--repeats``.
+variant once, round-robin (``timing.processes_each``), in a process of its own that loads only its model, so each peak
+memory is that variant's training steps' alone (``timing.reset_peak_memory``: peak RSS on CPU, max allocated on CUDA).
+Every process runs the same seeded batches in the same order (their text lengths differ, so their FLOPs do); it
+times ``--steps`` steps after ``--warmup``, and its step time is their mean, its FLOP/s the FLOPs of those same
+batches over their total time — identical work on every side of a ratio. The table gives the min / median over
+``--repeats`` and each variant's step time and peak memory over transformers' (``--compare hf``).
 
     python benchmarks/mfu.py                                   # both configs, mllm-kit alone
     python benchmarks/mfu.py --config llava-100m --compare hf --repeats 5 --json mfu.json
@@ -24,25 +27,29 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
-from timing import peak_memory_mib, reset_peak_memory, seconds_each, timing_parser
+from timing import peak_memory_mib, processes_each, reset_peak_memory, seconds_each, timing_parser
 from train_step import build_llava
+
+if TYPE_CHECKING:
+    from mllm_kit import Batch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # name: the LLaVA shape (train_step.build_llava's keys) + batch size and each sample's text-token range
 CONFIGS = {
     # ~100M parameters: a CLIP-like ViT (6 × 384, 224 px / 14 → 256 tokens) and a Llama (6 × 768) with a 32K vocabulary
-    "llava-100m": dict(v_hidden=384, v_layers=6, v_heads=6, image=224, patch=14, hidden=768, layers=6, heads=12,
-                       kv_heads=12, inter=2048, vocab=32_000, family="llama", batch=4, text=(64, 256)),
+    "llava-100m": {"v_hidden": 384, "v_layers": 6, "v_heads": 6, "image": 224, "patch": 14, "hidden": 768, "layers": 6,
+                   "heads": 12, "kv_heads": 12, "inter": 2048, "vocab": 32_000, "family": "llama", "batch": 4, "text": (64, 256)},
     # the same body with Qwen2's 151,936-token vocabulary (tied, as Qwen2-0.5B) and GQA (12 query / 2 key-value heads)
-    "qwen2-152k": dict(v_hidden=384, v_layers=6, v_heads=6, image=224, patch=14, hidden=768, layers=6, heads=12,
-                       kv_heads=2, inter=2048, vocab=151_936, family="qwen2", tie=True, batch=4, text=(64, 256)),
-    "tiny": dict(v_hidden=64, v_layers=2, v_heads=4, image=32, patch=8, hidden=64, layers=2, heads=4, kv_heads=2,
-                 inter=128, vocab=32_000, family="llama", batch=4, text=(16, 48)),
+    "qwen2-152k": {"v_hidden": 384, "v_layers": 6, "v_heads": 6, "image": 224, "patch": 14, "hidden": 768, "layers": 6,
+                   "heads": 12, "kv_heads": 2, "inter": 2048, "vocab": 151_936, "family": "qwen2", "tie": True, "batch": 4,
+                   "text": (64, 256)},
+    "tiny": {"v_hidden": 64, "v_layers": 2, "v_heads": 4, "image": 32, "patch": 8, "hidden": 64, "layers": 2, "heads": 4,
+             "kv_heads": 2, "inter": 128, "vocab": 32_000, "family": "llama", "batch": 4, "text": (16, 48)},
 }
 VARIANTS = {"mllm-kit": "mllm-kit", "compiled": "mllm-kit, trainer.compile", "bf16-encoder": "mllm-kit, frozen encoder in bf16",
             "hf": "transformers"}
@@ -73,7 +80,7 @@ def make_batches(size: dict, image_token_id: int, pad_token_id: int, n: int) -> 
         for r, (i, l) in enumerate(rows):
             ids[r, : len(i)], labels[r, : len(l)], mask[r, : len(i)] = i, l, 1
         pixels = torch.randn(len(rows), 3, size["image"], size["image"], generator=g)
-        batches.append(dict(ids=ids, labels=labels, mask=mask, pixels=pixels, lengths=[len(i) for i, _ in rows]))
+        batches.append({"ids": ids, "labels": labels, "mask": mask, "pixels": pixels, "lengths": [len(i) for i, _ in rows]})
     return batches
 
 
@@ -91,14 +98,52 @@ def save_models(config: str, root: str) -> str:
     return root
 
 
+def to_batch(b: dict, size: dict, dtype: str, device: str) -> Batch:
+    """A batch of :func:`make_batches` as mllm-kit's collator would give it (host counts included)."""
+    import torch
+
+    from mllm_kit import Batch
+
+    images = b["pixels"].shape[0]
+    pixels = b["pixels"].to(getattr(torch, dtype))
+    return Batch(input_ids=b["ids"], labels=b["labels"], attention_mask=b["mask"], pixel_values=pixels,
+                 images_per_sample=[1] * images, num_image_tokens=images * (size["image"] // size["patch"]) ** 2,
+                 num_loss_tokens=int((b["labels"][:, 1:] != -100).sum()), row_lengths=b["lengths"]).to(device)
+
+
+def count_batches(config: str, models: str, steps: int, warmup: int) -> list[dict]:
+    """FLOPs, real tokens and positions of each timed batch (the ``steps`` after ``warmup``), counted once with
+    mllm-kit's model: every child builds the same seeded batches (:func:`make_batches`), so batch k is the same work in
+    every process. ``model`` / ``llm_only`` are what mllm-kit computes (LM head at the supervised rows); ``hf_*`` the
+    same model with the head on every position, as transformers' LLaVA computes it."""
+    from transformers import AutoTokenizer
+
+    from mllm_kit import MLLM
+    from mllm_kit.flops import StepFlops
+
+    size = CONFIGS[config]
+    os.environ["MLLM_KIT_CACHE"] = os.path.join(models, "cache")
+    tok = AutoTokenizer.from_pretrained(os.path.join(models, "hf"))
+    model = MLLM.from_pretrained(os.path.join(models, "mllm-kit")).train()
+    model.encoder.requires_grad_(False)
+    counter = StepFlops(model)
+    counts = []
+    for data in make_batches(size, model.image_token_id, tok.pad_token_id, steps + warmup)[warmup:]:
+        b = to_batch(data, size, "float32", "cpu")
+        ours, everywhere = counter(b), counter(b, head_rows=b.input_ids.numel())
+        counts.append({"model": ours.model_flops, "llm_only": ours.without_vision.model_flops, "hf_model": everywhere.model_flops,
+                       "hf_llm_only": everywhere.without_vision.model_flops, "tokens": sum(b.row_lengths),
+                       "positions": int(b.input_ids.numel())})
+    return counts
+
+
 def run_variant(variant: str, config: str, models: str, device: str, dtype: str, steps: int, warmup: int) -> dict:
-    """One process: load the variant from ``models`` (:func:`save_models`), time its steps, report its fastest step,
-    FLOPs and peak memory."""
+    """One process: load the variant from ``models`` (:func:`save_models`), run ``warmup`` + ``steps`` steps on the
+    seeded batches, report the seconds of each timed step (batch order) and the steps' peak memory."""
     import torch
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-    from mllm_kit import MLLM, Batch
-    from mllm_kit.flops import StepFlops
+    from mllm_kit import MLLM
     from mllm_kit.objectives.lm import LMObjective
 
     size = CONFIGS[config]
@@ -114,26 +159,12 @@ def run_variant(variant: str, config: str, models: str, device: str, dtype: str,
         image_token_id = model.image_token_id
         if variant == "compiled":  # what trainer.compile does; the warm-up steps include the compilation
             model.compile_blocks()
-    data = make_batches(size, image_token_id, tok.pad_token_id, steps + warmup)
+    batches = [to_batch(b, size, dtype, device) for b in make_batches(size, image_token_id, tok.pad_token_id, steps + warmup)]
     model.to(device=device, dtype=getattr(torch, dtype)).train()
     if variant == "bf16-encoder":  # what the encoder's `dtype: bfloat16` option gives
         model.encoder.to(torch.bfloat16)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     objective = LMObjective()
-
-    def batch_of(b: dict) -> Batch:
-        return Batch(input_ids=b["ids"], labels=b["labels"], attention_mask=b["mask"], pixel_values=b["pixels"].to(getattr(torch, dtype)),
-                     images_per_sample=[1] * len(b["ids"]), num_image_tokens=b["pixels"].shape[0] * (size["image"] // size["patch"]) ** 2,
-                     num_loss_tokens=int((b["labels"][:, 1:] != -100).sum()), row_lengths=b["lengths"]).to(device)
-
-    batches = [batch_of(b) for b in data]
-    flops = []
-    if variant != "hf":  # what each variant computes: transformers' LLaVA applies the head at every position
-        counter = StepFlops(model)
-        for b in batches:
-            ours, everywhere = counter(b), counter(b, head_rows=b.input_ids.numel())
-            flops.append({"model": ours.model_flops, "hardware": ours.hardware_flops, "llm_only": ours.without_vision.model_flops,
-                          "hf_model": everywhere.model_flops, "hf_llm_only": everywhere.without_vision.model_flops})
     it = iter(batches)
 
     def step() -> None:
@@ -148,37 +179,42 @@ def run_variant(variant: str, config: str, models: str, device: str, dtype: str,
 
     reset_peak_memory(device)
     seconds = seconds_each({variant: step}, steps, warmup, device)[variant]
-    peak = peak_memory_mib(device)
-    timed = batches[warmup:]
-    fastest = min(range(len(seconds)), key=seconds.__getitem__)
-    return {"variant": variant, "step_s": seconds[fastest], "flops": flops[warmup + fastest] if flops else None,
-            "tokens": sum(timed[fastest].row_lengths), "positions": int(timed[fastest].input_ids.numel()), "peak_mib": peak,
+    return {"variant": variant, "seconds": seconds, "peak_mib": peak_memory_mib(device),
             "params": sum(p.numel() for p in model.parameters())}
 
 
-def summarise(config: str, runs: dict[str, list[dict]], peak: float, peak_source: str) -> dict:
-    """Min / median over repeats; MFU against ``peak`` (FLOP/s) with each variant's own FLOP count."""
-    ours = runs["mllm-kit"]
+def summarise(config: str, runs: dict[str, list[dict]], counts: list[dict], peak: float, peak_source: str) -> dict:
+    """Per process, the timed steps' total time against the total FLOPs of the same batches (``counts``, in batch
+    order: :func:`count_batches`) — so a ratio or an MFU never pairs one batch's time with another batch's FLOPs;
+    then min / median over the repeats. Each variant's MFU uses its own FLOP count (transformers': head on every row);
+    ``vs_hf`` divides a variant's step time and peak memory by transformers' (min by min, median by median)."""
     out = {"config": config, "size": CONFIGS[config], "peak_tflops": peak / 1e12, "peak_source": peak_source, "variants": {}}
+    tokens, positions = sum(c["tokens"] for c in counts), sum(c["positions"] for c in counts)
     for variant, rows in runs.items():
-        key = "hf_model" if variant == "hf" else "model"
-        flops = [r["flops"][key] for r in ours]  # the same batches in every process: the counts are the mllm-kit child's
-        llm_only = [r["flops"]["hf_llm_only" if variant == "hf" else "llm_only"] for r in ours]
-        step = [r["step_s"] for r in rows]
-        tokens = [r["tokens"] / r["step_s"] for r in rows]
-        mfu = [f / r["step_s"] / peak for f, r in zip(flops, rows)]
+        model_key, llm_key = ("hf_model", "hf_llm_only") if variant == "hf" else ("model", "llm_only")
+        flops, llm_only = sum(c[model_key] for c in counts), sum(c[llm_key] for c in counts)
+        for r in rows:
+            if len(r["seconds"]) != len(counts):
+                raise SystemExit(f"{variant} timed {len(r['seconds'])} steps; {len(counts)} batches were counted.")
+        total = [sum(r["seconds"]) for r in rows]
+        step = [t / len(counts) for t in total]
         out["variants"][variant] = {
             "step_s": {"min": min(step), "median": statistics.median(step)},
-            "tokens_per_s": {"max": max(tokens), "median": statistics.median(tokens)},
-            "tflops": {"max": max(f / r["step_s"] for f, r in zip(flops, rows)) / 1e12,
-                       "median": statistics.median(f / r["step_s"] for f, r in zip(flops, rows)) / 1e12},
-            "mfu": {"max": max(mfu), "median": statistics.median(mfu)},
-            "mfu_llm_only": {"median": statistics.median(f / r["step_s"] / peak for f, r in zip(llm_only, rows))},
-            "model_flops_per_step": statistics.median(flops),
+            "tokens_per_s": {"max": tokens / min(total), "median": statistics.median(tokens / t for t in total)},
+            "tflops": {"max": flops / min(total) / 1e12, "median": statistics.median(flops / t for t in total) / 1e12},
+            "mfu": {"max": flops / min(total) / peak, "median": statistics.median(flops / t for t in total) / peak},
+            "mfu_llm_only": {"median": statistics.median(llm_only / t for t in total) / peak},
+            "model_flops_per_step": flops / len(counts),
             "peak_mib": {"min": min(r["peak_mib"] for r in rows), "median": statistics.median(r["peak_mib"] for r in rows)},
             "params": rows[0]["params"],
-            "padding_waste": 1 - rows[0]["tokens"] / rows[0]["positions"],
+            "padding_waste": 1 - tokens / positions,
         }
+    if "hf" in runs:
+        hf = out["variants"]["hf"]
+        for variant, v in out["variants"].items():
+            if variant != "hf":
+                v["vs_hf"] = {"step_s": {k: v["step_s"][k] / hf["step_s"][k] for k in ("min", "median")},
+                              "peak_mib": {k: v["peak_mib"][k] / hf["peak_mib"][k] for k in ("min", "median")}}
     return out
 
 
@@ -190,6 +226,12 @@ def print_table(summary: dict, device: str) -> None:
         print(f"| {VARIANTS[variant]} | {v['params'] / 1e6:.1f}M | {v['step_s']['min']:.3f} / {v['step_s']['median']:.3f} | "
               f"{v['tokens_per_s']['median']:,.0f} | {v['tflops']['median']:.3f} | {v['mfu']['median']:.1%} | "
               f"{v['mfu_llm_only']['median']:.1%} | {v['peak_mib']['median']:,.0f} |")
+    for variant, v in summary["variants"].items():
+        if "vs_hf" in v:
+            r = v["vs_hf"]
+            print(f"{VARIANTS[variant]} / transformers: step time {r['step_s']['min']:.3f}× (min) / "
+                  f"{r['step_s']['median']:.3f}× (median), peak memory {r['peak_mib']['min']:.3f}× / "
+                  f"{r['peak_mib']['median']:.3f}×")
 
 
 def main() -> None:
@@ -223,18 +265,14 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     results = []
     for config in args.config:
-        runs: dict[str, list[dict]] = {v: [] for v in variants}
         with tempfile.TemporaryDirectory() as tmp:
             models = save_models(config, tmp)
-            for _ in range(args.repeats):
-                for variant in variants:
-                    cmd = [sys.executable, __file__, "--child", variant, config, models, "--device", args.device, "--dtype",
-                           args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(threads)]
-                    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-                    if out.returncode:
-                        raise SystemExit(f"{variant} on {config} failed:\n{out.stderr[-4000:]}")
-                    runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
-        summary = summarise(config, runs, peak.flops, peak.source)
+            counts = count_batches(config, models, args.steps, args.warmup)
+            options = ["--device", args.device, "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                       "--threads", str(threads)]
+            commands = {variant: [sys.executable, __file__, "--child", variant, config, models, *options] for variant in variants}
+            runs = processes_each(commands, args.repeats, env)
+        summary = summarise(config, runs, counts, peak.flops, peak.source)
         summary.update(device=args.device, dtype=args.dtype, threads=threads, steps=args.steps, warmup=args.warmup, repeats=args.repeats)
         print_table(summary, args.device)
         results.append(summary)

@@ -1,6 +1,7 @@
 """A mixture's encoder cost against the sum of its members', and AnyRes's padding waste on mixed image sizes.
 
-    python benchmarks/mixture_cost.py            # CPU; medians of round-robin repeats, JSON to stdout
+    python benchmarks/mixture_cost.py                  # CPU; medians of round-robin repeats, JSON to stdout
+    python benchmarks/mixture_cost.py --anyres-only    # the AnyRes counts alone (deterministic, a second)
 
 Members are random towers built from configs (CLIP-B/16-shaped at 224 px and a DINOv2-S/14-shaped one at 224 px):
 the mixture runs each once per image, so its forward should cost the sum of the members' (≤ 1.05× is the target;
@@ -11,6 +12,7 @@ padding inside each image's canvas (the rows/columns `unpad` then drops from the
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -18,12 +20,12 @@ import statistics
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from timing import seconds_each
 
 from mllm_kit.config import resolve_component
 from mllm_kit.connectors.anyres import LLAVA_NEXT_PINPOINTS
 from mllm_kit.data.transforms import best_grid, pinpoint_grids
 from mllm_kit.registry import ENCODERS
-from timing import seconds_each
 
 CLIP_B = {"name": "hf_clip", "config": {"image_size": 224, "patch_size": 16, "hidden_size": 768, "intermediate_size": 3072,
                                          "num_hidden_layers": 12, "num_attention_heads": 12}}
@@ -70,5 +72,10 @@ def anyres_waste(samples: int = 2000, crop: int = 336) -> dict:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=15, help="timed round-robin rounds of members and mixture")
+    parser.add_argument("--anyres-only", action="store_true", help="skip the timing")
+    args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    print(json.dumps({"encoder_cost": encoder_cost(), "anyres": anyres_waste()}, indent=2))
+    result = {} if args.anyres_only else {"encoder_cost": encoder_cost(repeats=args.rounds)}
+    print(json.dumps({**result, "anyres": anyres_waste()}, indent=2))

@@ -1,11 +1,14 @@
-"""Shared timing for the benchmarks: median wall times of callables run round-robin, with device synchronisation."""
+"""Shared timing for the benchmarks: wall times of callables run round-robin in one process, with device
+synchronisation, and of variants run round-robin in processes of their own."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -35,6 +38,22 @@ def seconds_each(fns: dict[str, Callable[[], None]], steps: int, warmup: int, de
 def median_ms_each(fns: dict[str, Callable[[], None]], steps: int, warmup: int, device: str) -> dict[str, float]:
     """Median milliseconds of each callable (:func:`seconds_each`)."""
     return {name: 1000 * statistics.median(t) for name, t in seconds_each(fns, steps, warmup, device).items()}
+
+
+def processes_each(commands: dict[Hashable, list[str]], repeats: int,
+                   env: dict[str, str] | None = None) -> dict[Hashable, list[dict]]:
+    """Run every command once per round, in the same order, for ``repeats`` rounds, each time in a fresh process — so
+    each variant's peak memory is its own, and drift in the machine's speed falls on all of them alike rather than on
+    whichever ran last. Each command prints one JSON object as its last line of stdout; returns them per variant in
+    round order. A command that fails stops the benchmark with its stderr."""
+    results: dict[Hashable, list[dict]] = {name: [] for name in commands}
+    for _ in range(repeats):
+        for name, command in commands.items():
+            out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+            if out.returncode:
+                raise SystemExit(f"{name} failed (exit {out.returncode}): {' '.join(command)}\n{out.stderr[-4000:]}")
+            results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results
 
 
 def timing_parser(doc: str | None, steps: int, warmup: int) -> argparse.ArgumentParser:

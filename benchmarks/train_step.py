@@ -2,10 +2,14 @@
 
 Both run in a plain PyTorch loop (forward, next-token loss on supervised tokens, backward, AdamW step),
 with the vision tower frozen and the projector + LLM trained, as in LLaVA's SFT stage. Each variant runs in
-its own process so peak memory is its own (peak RSS on CPU, max allocated on CUDA).
+its own process so peak memory is its own (the training steps' peak: peak RSS on CPU, max allocated on CUDA, reset
+after the model is built). The two variants alternate, one process each per round, for ``--repeats`` rounds
+(``timing.processes_each``); a process reports its median step time over ``--steps`` steps after ``--warmup``, and
+the table gives the min / median of those over the rounds.
 
     python benchmarks/train_step.py                 # both sizes, CPU
     python benchmarks/train_step.py --device cuda   # on a GPU
+    python benchmarks/train_step.py --sizes tiny --steps 2 --warmup 1 --repeats 1   # a quick check that it runs
 """
 
 from __future__ import annotations
@@ -14,19 +18,20 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from timing import peak_memory_mib, reset_peak_memory, timing_parser
+from timing import peak_memory_mib, processes_each, reset_peak_memory, timing_parser
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SIZES = {
     # name: (vision hidden, vision layers, image, patch, llm hidden, llm layers, heads, intermediate, batch, text tokens)
-    "tiny": dict(v_hidden=64, v_layers=2, image=32, patch=8, hidden=64, layers=2, heads=4, inter=128, batch=8, text=112),
-    "20M": dict(v_hidden=256, v_layers=4, image=64, patch=8, hidden=512, layers=4, heads=8, inter=1376, batch=8, text=192),
+    "tiny": {"v_hidden": 64, "v_layers": 2, "image": 32, "patch": 8, "hidden": 64, "layers": 2, "heads": 4, "inter": 128,
+             "batch": 8, "text": 112},
+    "20M": {"v_hidden": 256, "v_layers": 4, "image": 64, "patch": 8, "hidden": 512, "layers": 4, "heads": 8, "inter": 1376,
+            "batch": 8, "text": 192},
 }
 
 
@@ -34,8 +39,7 @@ def build_llava(size: dict):
     """A random LLaVA of ``size``; optional keys: ``family`` (llama, qwen2), ``vocab`` (default: the tiny tokenizer's;
     a larger one keeps the tokenizer and widens embeddings and head), ``kv_heads``, ``v_heads``, ``tie``."""
     import torch
-    from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              Qwen2Config)
+    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
     from mllm_kit.tiny import tiny_tokenizer
 
@@ -119,6 +123,7 @@ def run_variant(variant: str, size_name: str, device: str, steps: int, warmup: i
 def main() -> None:
     parser = timing_parser(__doc__, steps=30, warmup=5)
     parser.add_argument("--sizes", default="tiny,20M")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; each runs every variant once, in a process of its own")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -126,16 +131,18 @@ def main() -> None:
         print(json.dumps(run_variant(args.variant, args.size, args.device, args.steps, args.warmup)))
         return
     for size in args.sizes.split(","):
-        results = {}
-        for variant in ("transformers", "mllm-kit"):
-            cmd = [sys.executable, __file__, "--variant", variant, "--size", size, "--device", args.device,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            results[variant] = json.loads(out)
-        hf, ours = results["transformers"], results["mllm-kit"]
-        print(f"{size:>5} ({ours['params'] / 1e6:.1f}M params, {args.device}): transformers {hf['median_ms']:.1f} ms, "
-              f"mllm-kit {ours['median_ms']:.1f} ms, ratio {ours['median_ms'] / hf['median_ms']:.3f}; "
-              f"peak memory {hf['peak_mb']:.0f} MB vs {ours['peak_mb']:.0f} MB")
+        commands = {variant: [sys.executable, __file__, "--variant", variant, "--size", size, "--device", args.device,
+                              "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                    for variant in ("transformers", "mllm-kit")}
+        runs = processes_each(commands, args.repeats)
+        step = {v: [r["median_ms"] for r in rows] for v, rows in runs.items()}
+        peak = {v: statistics.median(r["peak_mb"] for r in rows) for v, rows in runs.items()}
+        hf, ours = step["transformers"], step["mllm-kit"]
+        print(f"{size:>5} ({runs['mllm-kit'][0]['params'] / 1e6:.1f}M params, {args.device}, median step over {args.steps} "
+              f"steps, min / median of {args.repeats} rounds): transformers {min(hf):.1f} / {statistics.median(hf):.1f} ms, "
+              f"mllm-kit {min(ours):.1f} / {statistics.median(ours):.1f} ms, ratio {min(ours) / min(hf):.3f} / "
+              f"{statistics.median(ours) / statistics.median(hf):.3f}; peak memory {peak['transformers']:.0f} MB vs "
+              f"{peak['mllm-kit']:.0f} MB")
 
 
 if __name__ == "__main__":

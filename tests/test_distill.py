@@ -10,6 +10,7 @@ from safetensors.torch import save_model
 from mllm_kit.batch import IGNORE_INDEX
 from mllm_kit.cli.main import main
 from mllm_kit.config import recipe_from_dict, resolve_model
+from mllm_kit.config.recipe import DataSpec
 from mllm_kit.data.collate import PadCollator
 from mllm_kit.data.formats import parse_record
 from mllm_kit.data.synthetic import SynthConfig, generate
@@ -23,7 +24,6 @@ from mllm_kit.objectives.preference import DPOObjective, KTOPairObjective
 from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec, tiny_tokenizer
 from mllm_kit.training.data import build_dataset, teacher_view
 from mllm_kit.training.runner import RunState, prepare_stage
-from mllm_kit.config.recipe import DataSpec
 
 
 def _model(seed=0, connector="mlp2x_gelu", **llm):
@@ -85,7 +85,7 @@ def test_kd_terms_and_their_gradients_vanish_when_the_teacher_is_the_student(syn
 def test_mimic_gradient_vanishes_at_the_teacher(synth):
     student = _model()
     batch = _batch(student, synth)
-    out = _kd(MimicObjective(all_tokens=True), student, _frozen(student), batch)
+    out = _kd(MimicObjective(positions="all"), student, _frozen(student), batch)
     grads = torch.autograd.grad(out["loss"], [p for p in student.parameters() if p.requires_grad], allow_unused=True)
     assert float(out["loss"].detach()) > 0.1  # the teacher's entropy
     assert max(float(g.abs().max()) for g in grads if g is not None) < 1e-6
@@ -163,6 +163,201 @@ def test_a_teacher_template_that_changes_the_reply_tokens_is_a_clear_error(synth
     ds = build_dataset(student, spec, synth, teacher=view)
     with pytest.raises(DataError, match=r"sft.json.*teacher's view of this sample"):
         ds[0]
+
+
+# -- the positions, normalisers and terms the released codes use (LLaVA-MoD, LLAVADI) --------------------------
+
+
+def _close(actual, expected, msg=None):
+    torch.testing.assert_close(actual.detach().double(), torch.as_tensor(expected).double(), atol=1e-5, rtol=1e-5, msg=msg)
+
+
+def _full_logits(student, teacher, batch):
+    with torch.no_grad():
+        return student(batch).logits.double(), teacher(batch.teacher_view()).logits.double()
+
+
+def _llava_mod_align(zs, zt, labels):
+    """LLaVA-MoD's ``compute_align_loss`` (llavamod/train/align_trainer.py) on one micro-batch: the UNshifted label mask."""
+    x = (torch.softmax(zt, -1) * torch.log_softmax(zs, -1)).sum(-1)
+    mask = labels != IGNORE_INDEX
+    return -(x * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("loss_type", ["only_kd", "kd_lm"])
+def test_default_mimic_reads_llava_mods_unshifted_label_positions(synth, loss_type):
+    student, teacher = _model(0), _frozen(_model(1))
+    with torch.no_grad():  # peaked distributions that change from position to position: one position off shows
+        for model in (student, teacher):
+            model.llm.model.lm_head.weight.mul_(30)
+    batch = _batch(student, synth)
+    out = _kd(MimicObjective(loss_type=loss_type, chunk_size=4), student, teacher, batch)
+    zs, zt = _full_logits(student, teacher, batch)
+    align = _llava_mod_align(zs, zt, batch.labels)
+    lm_sum, n = shifted_token_ce(zs, batch.labels)
+    _close(out["mimic_align"], align)
+    _close(out["lm_loss"], lm_sum / n)
+    expected = align + (lm_sum / n if loss_type == "kd_lm" else 0.0)
+    _close(out["loss"], expected)
+    # The off-by-one is real: the shifted positions (the LM loss's) give another value.
+    shifted = _kd(MimicObjective(positions="next_token"), student, teacher, batch)["mimic_align"]
+    assert abs(float(shifted) - float(align)) > 0.1
+
+
+def test_mimic_per_sample_reduction_is_llava_mods_one_sample_micro_batches(synth):
+    student, teacher = _model(0), _frozen(_model(1))
+    batch = _batch(student, synth)
+    objective = MimicObjective(reduction="sample")
+    out = _kd(objective, student, teacher, batch)
+    zs, zt = _full_logits(student, teacher, batch)
+    per_sample = [_llava_mod_align(zs[i : i + 1], zt[i : i + 1], batch.labels[i : i + 1]) for i in range(len(batch))]
+    _close(out["loss"], torch.stack(per_sample).mean())
+    # The trainer's token normaliser does not enter a per-sample mean.
+    with torch.no_grad():
+        again = objective(student(batch), batch, 123.0, teacher(batch))
+    torch.testing.assert_close(again["loss"], out["loss"].detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_mimic_aligns_label_positions_across_a_teacher_view_with_fewer_image_tokens(synth):
+    student = _model()
+    teacher = _frozen(_model(1, connector={"preset": "c_abstractor", "num_queries": 4, "hidden": 32}))
+    batch = _batch(student, synth, teacher=teacher)
+    assert batch.teacher is not None and batch.teacher.input_ids.shape[1] < batch.input_ids.shape[1]
+    out = _kd(MimicObjective(), student, teacher, batch)
+    zs, zt = _full_logits(student, teacher, batch)
+    s_rows, t_rows = zs[batch.labels != IGNORE_INDEX], zt[batch.teacher.labels != IGNORE_INDEX]
+    expected = -(torch.softmax(t_rows, -1) * torch.log_softmax(s_rows, -1)).sum(-1).mean()
+    _close(out["mimic_align"], expected)
+
+
+def _llavadi_reference(student, teacher, adapter, batch):
+    """LLAVADI's ``DistillModel.forward`` (xushilin1/LLaVADI, projects/distill/distill_llava_llama.py) under the flags of
+    scripts/v1_5/distill_finetune.sh — --align_logits --align_logits_all --norm_logits --align_hidden_embeds
+    --align_all_hidden_embeds — written out per sample as it is there (the LM loss as mllm-kit normalises it)."""
+    import torch.nn.functional as F
+
+    def normalize(logit):
+        return (logit - logit.mean(dim=-1, keepdim=True)) / (1e-7 + logit.std(dim=-1, keepdim=True))
+
+    with torch.no_grad():
+        s_out, t_out = student(batch), teacher(batch)
+    zs, zt, hs, ht = s_out.logits.double(), t_out.logits.double(), s_out.hidden, t_out.hidden
+    mask = batch.attention_mask.bool()
+    kl = hid = 0.0
+    for i in range(len(batch)):
+        s_logits, t_logits = normalize(zs[i][mask[i]]), normalize(zt[i][mask[i]])
+        kl += F.kl_div(F.log_softmax(s_logits, dim=-1), F.softmax(t_logits, dim=-1), reduction="batchmean")
+        with torch.no_grad():
+            hid += F.mse_loss(adapter(hs[i][mask[i]]).double(), ht[i][mask[i]].double())
+    lm_sum, n = shifted_token_ce(zs, batch.labels)
+    return {"lm_loss": lm_sum / n, "kd_response": kl / len(batch), "kd_hidden": hid / len(batch)}
+
+
+def test_kd_with_llavadis_released_options_equals_its_distill_model(synth):
+    student, teacher = _model(0), _frozen(_model(1, num_layers=3, hidden_size=96))
+    batch = _batch(student, synth)
+    assert not batch.attention_mask.all()  # padded rows: the padding is not an attended position
+    objective = KDObjective(lm=1, response=1, hidden=1, positions="all", logit_norm="zscore", reduction="sample", chunk_size=16)
+    out = _kd(objective, student, teacher, batch)
+    expected = _llavadi_reference(student, teacher, objective.adapter, batch)
+    for key, value in expected.items():
+        _close(out[key], value, key)
+    _close(out["loss"], sum(expected.values()))
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in objective.adapter.parameters())
+
+
+def test_kd_hidden_term_and_temperature_inside_the_objective(synth):
+    import torch.nn.functional as F
+
+    student, teacher = _model(0), _frozen(_model(1, num_layers=3, hidden_size=96))
+    batch = _batch(student, synth)
+    tau, normalizer = 2.0, 7.0
+    objective = KDObjective(lm=1, response=1, hidden=0.5, temperature=tau, chunk_size=5)
+    objective.bind(student, teacher)
+    with torch.no_grad():
+        t_out = teacher(batch)
+    s_out = student(batch)
+    out = objective(s_out, batch, normalizer, t_out)
+    response = torch.zeros_like(batch.labels, dtype=torch.bool)
+    response[:, :-1] = batch.labels[:, 1:] != IGNORE_INDEX
+    zs, zt = s_out.logits.detach().double()[response], t_out.logits.double()[response]
+    kl = F.kl_div(F.log_softmax(zs / tau, -1), F.softmax(zt / tau, -1), reduction="none").sum(-1) * tau**2
+    with torch.no_grad():
+        mse = (objective.adapter(s_out.hidden[response]).double() - t_out.hidden[response].double()).pow(2).mean(-1)
+    lm_sum, _ = shifted_token_ce(s_out.logits.detach().double(), batch.labels)
+    _close(out["kd_response"], kl.mean())
+    _close(out["kd_hidden"], mse.mean())
+    # Token terms are sums over the supervised positions divided by the trainer's normaliser.
+    expected = (lm_sum + kl.sum() + 0.5 * mse.sum()) / normalizer
+    _close(out["loss"], expected)
+
+
+def test_every_position_needs_the_teacher_to_read_the_students_sequence(synth):
+    student = _model()
+    teacher = _frozen(_model(1, connector={"preset": "c_abstractor", "num_queries": 4, "hidden": 32}))
+    for objective in (KDObjective(positions="all"), MimicObjective(positions="all")):
+        with pytest.raises(ConfigError, match=r"stages\[1\]\.objective\.positions: 'all' .* reads its own view"):
+            objective.bind(student, teacher, "stages[1].objective", separate_view=True)
+    with pytest.raises(ConfigError, match=r"objective kd: positions: 'every' is not one of"):
+        KDObjective(positions="every")
+
+
+# -- long samples: both views are cut alike --------------------------------------------------------------
+
+
+def test_truncate_to_keeps_the_shortest_prefix_with_the_replies_and_images_asked_for():
+    from mllm_kit.data.conversation import Encoded, ImageSpan, truncate_to
+
+    x = IGNORE_INDEX
+    ids = [1, 9, 9, 2, 3, 4, 5, 9, 9, 9, 6, 7, 8]  # 9: image tokens (spans at 1 and 7), replies 3 4 and 7 8
+    enc = Encoded(ids, [x, x, x, x, 3, 4, x, x, x, x, x, 7, 8], [ImageSpan(1, 2), ImageSpan(7, 3)])
+    assert truncate_to(enc, 4, 2) is enc
+    one = truncate_to(enc, 2, 1)
+    assert one.input_ids == [1, 9, 9, 2, 3, 4] and one.image_spans == [ImageSpan(1, 2)]
+    assert truncate_to(enc, 1, 1).input_ids == [1, 9, 9, 2, 3]
+    assert truncate_to(enc, 3, 2).input_ids == ids[:12] and len(truncate_to(enc, 3, 2).image_spans) == 2
+    assert truncate_to(enc, 0, 1).input_ids == [1, 9, 9]
+
+
+def _long_record(synth):
+    reply = "the shape is a large triangle drawn in red on a plain white background near the centre"
+    return {"id": "long", "image": ["images/sft_000000.png", "images/sft_000001.png"], "conversations": [
+        {"from": "human", "value": "<image>\nWhat shape is it?"}, {"from": "gpt", "value": reply},
+        {"from": "human", "value": "<image>\nAnd this one?"}, {"from": "gpt", "value": reply.replace("triangle", "circle")},
+        {"from": "human", "value": "Which is larger?"}, {"from": "gpt", "value": reply.replace("large", "larger")}]}
+
+
+@pytest.mark.parametrize("where", ["first_reply", "second_image", "last_reply"])
+def test_a_long_sample_is_cut_alike_in_a_teacher_view_with_fewer_image_tokens(synth, tmp_path, where):
+    student = _model()
+    teacher = _frozen(_model(1, connector={"preset": "c_abstractor", "num_queries": 4, "hidden": 32}))
+    records = [_long_record(synth), *json.loads((synth / "sft.json").read_text())[:3]]
+    (tmp_path / "long.json").write_text(json.dumps(records))
+
+    def dataset(max_length):
+        spec = DataSpec(train=str(tmp_path / "long.json"), image_root=str(synth), template="chatml", max_length=max_length)
+        return build_dataset(student, spec, synth, teacher=teacher_view(student, teacher, spec))
+
+    whole = dataset(4096)[0]
+    images = (whole.input_ids == student.image_token_id).nonzero().squeeze(1)
+    supervised = (whole.labels != IGNORE_INDEX).nonzero().squeeze(1)
+    cut = {"first_reply": int(supervised[3]), "second_image": int(images[-1]) - 5, "last_reply": int(supervised[-4])}[where]
+    ds = dataset(cut)
+    sample = ds[0]
+    assert ds.num_trimmed == 1 and len(sample.input_ids) <= cut
+    mine, theirs = sample.labels[sample.labels != IGNORE_INDEX], sample.teacher.labels[sample.teacher.labels != IGNORE_INDEX]
+    assert 0 < len(mine) < len(supervised) and torch.equal(mine, theirs)
+    kept = 1 if where != "last_reply" else 2
+    assert sample.pixel_values.shape[0] == sample.teacher.pixel_values.shape[0] == kept
+    assert sample.teacher.num_image_tokens == 4 * kept and sample.num_image_tokens == 16 * kept
+    text = sample.input_ids[sample.input_ids != student.image_token_id]
+    their_text = sample.teacher.input_ids[sample.teacher.input_ids != teacher.image_token_id]
+    assert torch.equal(their_text, text[: len(their_text)])  # the same text, up to the last kept reply token
+    batch = PadCollator(student.tokenizer.pad_token_id)([ds[i] for i in range(4)])
+    for objective in (KDObjective(hidden=1), MimicObjective()):
+        out = _kd(objective, student, teacher, batch)
+        assert torch.isfinite(out["loss"]) and float(out["loss"]) > 0
 
 
 # -- teachers in recipes: loading, freezing, errors before training --------------------------------------
@@ -269,7 +464,6 @@ def test_distillation_zoo_recipes_run_every_stage_with_smoke(tmp_path, name):
 def teacher_run(tmp_path_factory):
     """A finished one-stage teacher run (a 3-layer Llama, wider than the student), shared by the slow tests."""
     from conftest import _tiny_recipe
-
     from test_training import _run_cli
 
     data = _tiny_recipe(max_steps=4)
@@ -347,10 +541,10 @@ def test_data_inspect_shows_both_replies_of_a_preference_pair(tmp_path, capsys):
 
 
 def test_a_llava_hf_teacher_is_imported_frozen_and_distils(tmp_path, tiny_recipe):
+    from test_parity_llava import _clip_llama_llava
     from transformers import AutoTokenizer
 
     from mllm_kit import Batch
-    from test_parity_llava import _clip_llama_llava
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer())
     llava = _clip_llama_llava(tok, "default")

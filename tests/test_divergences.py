@@ -13,6 +13,7 @@ from mllm_kit.objectives.divergences import (
     kto_pair_loss,
     relation_loss,
     soft_cross_entropy,
+    zscore,
 )
 
 STUDENT = [[0.5, -1.0, 2.0], [1.0, 0.0, -0.5]]
@@ -125,6 +126,20 @@ def test_soft_cross_entropy_is_forward_kl_plus_teacher_entropy():
     assert torch.allclose(soft_cross_entropy(s, t), torch.tensor(ce, dtype=torch.float64), atol=1e-6, rtol=0)
 
 
+def test_zscore_is_llavadis_standardisation_and_keeps_masked_entries_out():
+    # Row [1, 2, 3]: mean 2, unbiased std 1 -> [-1, 0, 1] / (1 + 1e-7); [0, 0, 4]: mean 4/3, std 4/sqrt(3).
+    got = zscore(torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 4.0]], dtype=torch.float64))
+    s = 4 / math.sqrt(3) + 1e-7
+    want = torch.tensor([[-1 / (1 + 1e-7), 0.0, 1 / (1 + 1e-7)], [-4 / 3 / s, -4 / 3 / s, 8 / 3 / s]], dtype=torch.float64)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    masked = torch.tensor([[1.0, -math.inf, 2.0, 3.0]], requires_grad=True)
+    out = zscore(masked)
+    assert out[0, 1] == -math.inf
+    torch.testing.assert_close(out[0, [0, 2, 3]], got[0].float(), atol=1e-6, rtol=0)
+    out[0, [0, 2, 3]].pow(2).sum().backward()
+    assert torch.isfinite(masked.grad).all()
+
+
 def test_relation_loss_hand_values():
     z_s = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]], dtype=torch.float64)  # Z Z^T = [[1, 1], [1, 2]]
     z_t = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)  # Z Z^T = I
@@ -162,12 +177,12 @@ def test_dpo_is_log2_when_policy_equals_reference_and_matches_a_hand_value():
     l = torch.tensor([-4.0, -1.0], dtype=torch.float64)
     assert torch.allclose(dpo_loss(w, l, w.clone(), l.clone()), torch.full((2,), math.log(2), dtype=torch.float64), atol=1e-6)
     # margin = (-1 - -2) - (-3 - -2) = 2, beta 0.5 -> -log sigmoid(1) = log(1 + e^-1)
-    one = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+    one = lambda x: torch.tensor([x], dtype=torch.float64)
     assert abs(dpo_loss(one(-1.0), one(-3.0), one(-2.0), one(-2.0), beta=0.5).item() - math.log1p(math.exp(-1))) < 1e-6
 
 
 def test_kto_pair_hand_value_and_gradient_through_the_kl_estimates():
-    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    sig = lambda x: 1 / (1 + math.exp(-x))
     pol_w = torch.tensor([-1.0, -2.0], dtype=torch.float64, requires_grad=True)
     pol_l = torch.tensor([-3.0, 0.0], dtype=torch.float64)
     ref = torch.tensor([-2.0, -2.0], dtype=torch.float64)
@@ -177,6 +192,6 @@ def test_kto_pair_hand_value_and_gradient_through_the_kl_estimates():
     assert torch.allclose(out, torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=0)
     # Not detached: d mean / d Delta_w_j = (1/4) * (-sigma'(a_j) - (1/2) * sum_i sigma'(b_i)), sigma' = s(1 - s).
     (grad,) = torch.autograd.grad(out.mean(), pol_w)
-    d = lambda x: sig(x) * (1 - sig(x))  # noqa: E731
+    d = lambda x: sig(x) * (1 - sig(x))
     want = -(d(0.5) + d(1.5)) / 4
     assert torch.allclose(grad, torch.full((2,), want, dtype=torch.float64), atol=1e-6, rtol=0)

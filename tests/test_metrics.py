@@ -14,9 +14,41 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mllm_kit.errors import ConfigError, DataError
-from mllm_kit.metrics import (ANLS, BLEU4, METRICS, POPE, CIDErD, CircularChoiceAccuracy, ExactMatch, LetterChoiceAccuracy,
-                              LikelihoodChoiceAccuracy, RougeL, VQAv2Accuracy, anls_score, build_metric, normalize_vqa_answer,
-                              parse_option_letter, pope_answer_is_yes, ptb_tokenize, vqa_soft_accuracy)
+from mllm_kit.metrics import (
+    ANLS,
+    BLEU4,
+    METRICS,
+    POPE,
+    CIDErD,
+    CircularChoiceAccuracy,
+    COCOCaptionScores,
+    ExactMatch,
+    GQAAccuracy,
+    LetterChoiceAccuracy,
+    LikelihoodChoiceAccuracy,
+    MMEScore,
+    RougeL,
+    ScienceQAAccuracy,
+    SEEDAccuracy,
+    TextVQAAccuracy,
+    VizWizAccuracy,
+    VQAv2Accuracy,
+    anls_score,
+    build_metric,
+    cider_d_scores,
+    coco_bleu4,
+    coco_rouge_l_scores,
+    evalai_answer,
+    mme_answer,
+    normalize_vqa_answer,
+    parse_option_letter,
+    pope_answer_is_yes,
+    ptb_tokenize,
+    scienceqa_choice,
+    textvqa_accuracy,
+    vizwiz_accuracy,
+    vqa_soft_accuracy,
+)
 
 # ---- VQAv2 ----------------------------------------------------------------------------------------------------------
 
@@ -70,6 +102,45 @@ def test_vqav2_metric_and_bad_input():
         metric.update(["a"], [["a"]])
     with pytest.raises(DataError, match="2 predictions, 1 answers"):
         metric.update(["a", "b"], [["a", "b"]])
+
+
+@pytest.mark.parametrize("raw, processed", [
+    ("Yes", "yes"), ("Two dogs.", "2 dogs"), ("The cat's toy", "cat 's toy"),   # lower-case, digits, "'s" split off
+    ("1,000", "1000"), ("What?", "what"), ("Unanswerable", "unanswerable"),    # "," and "?" deleted first
+    ("dont", "don't"), ("a black-and-white dog!", "black and white dog"), (" left\n", "left"), ("", ""),
+])
+def test_evalai_answer_processor(raw, processed):
+    """EvalAIAnswerProcessor()(raw) of LLaVA's llava/eval/m4c_evaluator.py (the expected values were produced by it)."""
+    assert evalai_answer(raw) == processed
+
+
+def test_textvqa_and_vizwiz_accuracy():
+    # TextVQA (m4c TextVQAAccuracyEvaluator): EvalAI's processor on both sides, always -- even for unanimous answers
+    assert textvqa_accuracy("Yes", ["yes"] * 10) == 1.0 and vqa_soft_accuracy("Yes", ["yes"] * 10) == 0.0
+    assert textvqa_accuracy("Dakota.", ["DAKOTA"] * 2 + ["dakota digital"] * 8) == pytest.approx(0.6)
+    # VizWiz (its vqaEval.py): the prediction is normalised, the human answers are compared raw
+    assert vizwiz_accuracy("Unanswerable", ["unanswerable"] * 10) == 1.0
+    assert vizwiz_accuracy("coca cola", ["Coca-Cola"] * 10) == 0.0 and textvqa_accuracy("coca cola", ["Coca-Cola"] * 10) == 1.0
+    metric = VizWizAccuracy()
+    metric.update(["unanswerable", "2", "red"], [["unanswerable"] * 10, ["2"] * 3 + ["3"] * 7, ["blue"] * 10],
+                  ["unanswerable", "number", "other"])
+    out = metric.compute()
+    assert out["accuracy"].item() == pytest.approx((1.0 + 0.9 + 0.0) / 3)
+    assert out["accuracy_unanswerable"].item() == 1.0 and out["accuracy_number"].item() == pytest.approx(0.9)
+    assert out["accuracy_other"].item() == 0.0 and "accuracy_yes_no" not in out          # no yes/no question: not reported
+    with pytest.raises(DataError, match="category 'colour'"):
+        metric.update(["x"], [["x", "x"]], ["colour"])
+    text = TextVQAAccuracy()
+    text.update(["Yes", "two"], [["yes"] * 10, ["2"] * 10])
+    assert text.compute()["accuracy"].item() == 1.0
+
+
+def test_gqa_accuracy_is_llavas_conversion_and_exact_match():
+    metric = GQAAccuracy()
+    # convert_gqa_for_eval.py: rstrip('.').lower(); then GQA eval.py's equality -- no other normalisation
+    metric.update(["Yes.", "T-shirt", "tshirt", "yes!", "the dog"], ["yes", "t-shirt", "t-shirt", "yes", "dog"])
+    assert metric.compute()["accuracy"].item() == pytest.approx(2 / 5)
+    assert METRICS["gqa"] is GQAAccuracy
 
 
 def test_exact_match_gqa_normalisation():
@@ -160,6 +231,52 @@ def test_circular_choice_accuracy_needs_every_shift():
         metric.update(["A"], ["A"], [1, 2])
 
 
+@pytest.mark.parametrize("text, index", [
+    ("B", 1), ("B. A cat", 1), ("The answer is C.", 2), ("The answer is C", None),   # sic: the regex needs a character after
+    ("b", None), ("(B)", None), ("B.", None), ("E", None), ("", None),             # 3 choices: E is no answer
+    ("The answer is A. The answer is B.", None),                                    # two matches: FAILED
+])
+def test_scienceqa_choice_follows_llava(text, index):
+    assert scienceqa_choice(text, 3) == index
+
+
+def test_scienceqa_and_seed_accuracy():
+    sqa = ScienceQAAccuracy()
+    sqa.update(["B", "A. dog", "The answer is B.", "C"], [1, 0, 0, 2], [2, 2, 3, 3])
+    assert sqa.compute()["accuracy"].item() == pytest.approx(3 / 4)
+    with pytest.raises(DataError, match="gold option 3 but 2 choices"):
+        sqa.update(["A"], [3], [2])
+    seed = SEEDAccuracy()
+    # convert_seed_for_submission.py: the text must *be* the letter
+    seed.update(["B", "B.", "b", "C"], ["B", "B", "B", "C"], ["image", "image", "video", "video"])
+    out = seed.compute()
+    assert out["accuracy"].item() == 0.5 and out["accuracy_image"].item() == 0.5 and out["accuracy_video"].item() == 0.5
+
+
+@pytest.mark.parametrize("text, label", [("Yes", "yes"), ("No.", "no"), ("yes, it is", "yes"), ("Not sure", "no"),
+                                         ("y", "other"), ("Maybe", "other"), ("", "other"), ("I think yes", "other")])
+def test_mme_answer_parsing(text, label):
+    assert mme_answer(text) == label
+
+
+def test_mme_score_acc_plus_acc_per_subtask():
+    metric = MMEScore()
+    # existence: image a both right, image b one right → acc 3/4, acc+ 1/2 → 125; OCR: one image, both right → 200;
+    # code_reasoning: one image, none right → 0.  Perception = 325, cognition = 0.
+    metric.update(["Yes", "No", "Yes"], ["Yes", "No", "Yes"], ["existence"] * 3, ["a", "a", "b"])
+    metric.update(["Yes", "yes", "no", "no", "yes"], ["No", "Yes", "No", "Yes", "No"],
+                  ["existence", "OCR", "OCR", "code_reasoning", "code_reasoning"], ["b", "c", "c", "d", "d"])
+    out = metric.compute()
+    assert out["existence"].item() == pytest.approx(125.0) and out["ocr"].item() == 200.0 and out["code_reasoning"].item() == 0
+    assert out["perception"].item() == pytest.approx(325.0) and out["cognition"].item() == 0.0
+    odd = MMEScore()
+    odd.update(["Yes"], ["Yes"], ["existence"], ["a"])
+    with pytest.raises(DataError, match="two questions as a pair"):
+        odd.compute()
+    with pytest.raises(DataError, match="subtask 'colour'"):
+        odd.update(["Yes"], ["Yes"], ["colour"], ["a"])
+
+
 # ---- POPE -----------------------------------------------------------------------------------------------------------
 
 
@@ -181,14 +298,57 @@ def test_pope_parsing_and_scores():
         metric.update(["yes"], ["maybe"])
 
 
+def test_pope_per_category_means_as_llava_reports():
+    """llava/eval/eval_pope.py scores each category on its own; LLaVA-1.5's POPE is the mean of the three F1s."""
+    metric = POPE(["adversarial", "random"])
+    # adversarial: TP 1, FP 1 → P 1/2, R 1, F1 2/3; random: TP 1, FN 1, TN 1 → P 1, R 1/2, F1 2/3, acc 2/3
+    metric.update(["yes", "yes", "yes", "no", "no"], ["yes", "no", "yes", "yes", "no"],
+                  ["adversarial", "adversarial", "random", "random", "random"])
+    out = metric.compute()
+    assert out["f1_adversarial"].item() == pytest.approx(2 / 3) and out["f1_random"].item() == pytest.approx(2 / 3)
+    assert out["accuracy"].item() == pytest.approx((1 / 2 + 2 / 3) / 2) and out["num_samples"].item() == 5
+    pooled = POPE()
+    pooled.update(["yes", "yes", "yes", "no", "no"], ["yes", "no", "yes", "yes", "no"])
+    assert pooled.compute()["accuracy"].item() == pytest.approx(3 / 5)
+    with pytest.raises(DataError, match="pass each question's category"):
+        metric.update(["yes"], ["yes"])
+
+
 # ---- Captions -------------------------------------------------------------------------------------------------------
 
 
-def test_ptb_tokenize():
-    assert ptb_tokenize("A cat, on the mat.") == "a cat on the mat"
-    assert ptb_tokenize("The dog's ball") == "the dog 's ball"
-    assert ptb_tokenize("Don't (really) go -- now...") == "do n't really go now"
-    assert ptb_tokenize('A 3.5 m "tall" man; big!') == "a 3.5 m tall man big"
+# Captions and what Stanford's PTBTokenizer + coco-caption's filter make of them (pycocoevalcap's PTBTokenizer, Java).
+PTB_CASES = [
+    ("A cat, on the mat.", "a cat on the mat"), ("The dog's ball", "the dog 's ball"),
+    ("Don't (really) go -- now...", "do n't -lrb- really -rrb- go now"),   # sic: "-LRB-" is filtered, "-lrb-" is not
+    ('A 3.5 m "tall" man; big!', "a 3.5 m tall man big"), ("Mr. Smith can't cannot gonna", "mr. smith ca n't can not gon na"),
+    ("A black-and-white photo of U.S. soldiers.", "a black-and-white photo of u.s. soldiers"),
+    ("two dogs [playing] {in} the park", "two dogs -lsb- playing -rsb- -lcb- in -rcb- the park"),
+    ("1,000 people at 5:30 p.m.", "1,000 people at 5:30 p.m."), ("It's a man's hat & a woman's bag", "it 's a man 's hat & a woman 's bag"),
+    ("A   dog\twith tabs", "a dog with tabs"), ("", ""), ("cats' toys", "cats toys"),
+    ("I'm sure they'll go; we'd've seen.", "i 'm sure they 'll go we 'd 've seen"),
+    ("e-mail me @ home #1 $5 50%", "e-mail me @ home # 1 $ 5 50 %"), ("An elephant... walking!?", "an elephant walking !?"),
+    ("o'clock at St. Mary's", "o'clock at st. mary 's"), ("wasn't won't shan't", "was n't wo n't sha n't"),
+    ('"Hello," he said.', "hello he said"), ("3.14 and .5 and 5.", "3.14 and .5 and 5"), ("Wow!! Really?! Yes?", "wow !! really ?! yes"),
+    ("AT&T store", "at&t store"), ("Dr. Who vs. Mr. Bean", "dr. who vs. mr. bean"), ("a 2-year-old child", "a 2-year-old child"),
+    ("A sign reading \"No Parking\".", "a sign reading no parking"), ("x -- y - z", "x y z"),
+]
+
+
+@pytest.mark.parametrize("caption, tokens", PTB_CASES)
+def test_ptb_tokenize_stand_in_equals_ptb(caption, tokens):
+    assert ptb_tokenize(caption) == tokens
+
+
+def test_ptb_cases_are_what_the_java_tokenizer_writes():
+    """The expectations above are pycocoevalcap's PTBTokenizer's (Java) output, re-checked wherever Java runs."""
+    import shutil
+
+    if shutil.which("java") is None:
+        pytest.skip("java is not installed: coco-caption's PTBTokenizer cannot run")
+    from mllm_kit.metrics import coco_tokenize
+
+    assert coco_tokenize([c for c, _ in PTB_CASES], "java") == [t for _, t in PTB_CASES]
 
 
 def test_cider_d_hand_computed():
@@ -256,6 +416,30 @@ def test_bleu4_equals_pycocoevalcap_and_rouge_l():
         metric.update(["a"], [[]])
 
 
+def test_coco_caption_scores_equal_pycocoevalcap_bit_for_bit():
+    """Bleu_4, ROUGE_L and CIDEr of pycocoevalcap on tokenised captions (empty candidate included): identical floats."""
+    import numpy as np
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    rows = [*CAPTIONS, ("", ["a plate with meat", "food"]), ("a bus", ["a red bus parked by the road"])]
+    gts, res = {i: refs for i, (_, refs) in enumerate(rows)}, {i: [c] for i, (c, _) in enumerate(rows)}
+    with contextlib.redirect_stdout(io.StringIO()):
+        bleu, _ = Bleu(4).compute_score(gts, res)
+    cands, refs = [c for c, _ in rows], [r for _, r in rows]
+    assert coco_bleu4(cands, refs) == bleu[3]
+    assert float(np.mean(coco_rouge_l_scores(cands, refs))) == Rouge().compute_score(gts, res)[0]
+    assert float(np.mean(cider_d_scores(cands, refs))) == Cider().compute_score(gts, res)[0]
+    metric = COCOCaptionScores(tokenizer="python")
+    metric.update(cands[:3], refs[:3])
+    metric.update(cands[3:], refs[3:])
+    out = metric.compute()
+    assert out["bleu4"].item() == bleu[3] and out["num_samples"].item() == len(rows)
+    with pytest.raises(ConfigError, match="tokenizer 'ptb'"):
+        COCOCaptionScores(tokenizer="ptb")
+
+
 # ---- Names ----------------------------------------------------------------------------------------------------------
 
 
@@ -292,8 +476,17 @@ def _feed(metrics: dict, rank: int, world: int) -> None:
     metrics["mc_likelihood"].update(scores, part([1, 0, 0, 3]))
     pope = part(POPE_ROWS)
     metrics["pope"].update([p for p, _ in pope], [g for _, g in pope])
+    metrics["pope_categories"].update([p for p, _ in pope], [g for _, g in pope], part(["random", "popular"] * 3))
+    metrics["textvqa"].update([p for p, _ in vqa], [a for _, a in vqa])
+    metrics["vizwiz"].update([p for p, _ in vqa], [a for _, a in vqa], part(["number", "other", "yes/no"] * 2))
+    mme = part(MME_ROWS)  # each image's two questions land on different ranks
+    metrics["mme"].update(*[[row[k] for row in mme] for k in range(4)])
+    seed = part([("A", "A", "image"), ("B", "C", "video"), ("C.", "C", "image"), ("D", "D", "video")])
+    metrics["seed"].update(*[[row[k] for row in seed] for k in range(3)])
+    sqa = part([("A", 0, 2), ("The answer is B.", 1, 3), ("C", 1, 3), ("B. x", 1, 2)])
+    metrics["scienceqa"].update(*[[row[k] for row in sqa] for k in range(3)])
     captions = part(CAPTIONS)
-    for name in ("cider_d", "bleu4", "rouge_l"):
+    for name in ("cider_d", "bleu4", "rouge_l", "coco_caption"):
         metrics[name].update([c for c, _ in captions], [r for _, r in captions])
     if rank == 0:  # a rank that saw nothing still syncs its (empty) list states
         metrics["cider_rank0"].update([c for c, _ in CAPTIONS], [r for _, r in CAPTIONS])
@@ -301,9 +494,15 @@ def _feed(metrics: dict, rank: int, world: int) -> None:
                                         [q for _, _, q in CHOICE_ROWS])
 
 
+MME_ROWS = [("Yes", "Yes", "existence", "a"), ("Yes", "No", "existence", "a"), ("No", "No", "OCR", "b"), ("no", "Yes", "OCR", "b"),
+            ("yes", "Yes", "count", "c"), ("No", "No", "count", "c")]
+
+
 def _all_metrics() -> dict:
-    names = ["vqav2", "gqa", "anls", "mc_letter", "mmbench", "mc_likelihood", "pope", "cider_d", "bleu4", "rouge_l"]
-    return {**{n: build_metric(n) for n in names}, "cider_rank0": CIDErD(), "mmbench_rank0": CircularChoiceAccuracy()}
+    names = ["vqav2", "gqa", "anls", "mc_letter", "mmbench", "mc_likelihood", "pope", "cider_d", "bleu4", "rouge_l", "textvqa",
+             "vizwiz", "mme", "seed", "scienceqa"]
+    return {**{n: build_metric(n) for n in names}, "cider_rank0": CIDErD(), "mmbench_rank0": CircularChoiceAccuracy(),
+            "pope_categories": POPE(["popular", "random"]), "coco_caption": COCOCaptionScores(tokenizer="python")}
 
 
 def _results(metrics: dict) -> dict:
@@ -332,6 +531,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     _feed(single, 0, 1)
     expected = _results(single)
     assert expected["mmbench"]["accuracy"] == 0.5 and expected["cider_d"]["cider"] > 0
+    assert expected["mme"]["perception"] == pytest.approx(50 + 50 + 200) and expected["coco_caption"]["cider"] > 0
     out = str(tmp_path / "results")
     # fork, not spawn: a spawned child re-imports mllm_kit (and with it transformers), 10-20 s each on 2 busy cores
     mp.start_processes(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="fork")

@@ -157,6 +157,80 @@ def test_preset_members_merge_with_overrides():
     assert spec["members"]["convnext"]["name"] == "timm_convnext"
 
 
+# Eagle's one input (specs/components.md §5.1; NVlabs/Eagle multi_backbone_channel_concatenation_encoder.py): the
+# ConvNeXt tower's CLIPImageProcessor (CLIP mean/std, shortest side to the input size, bicubic, centre crop; the SFT
+# pads to a square with the mean colour first), then F.interpolate(x.float(), tower size, bilinear, align_corners=True)
+# for every tower whose size differs. Scaled down: a 80 px shared input, CLIP at 32 px (Eagle: 1024 and 336).
+EAGLE_LIKE = {"name": "mixture", "normalize": "shared", "members": {
+    "clip": CLIP, "convnext": {**tiny_encoder_spec("convnext"), "image_size": 80, "image_mode": "center_crop"}}}
+
+
+def eagle_official_pixels(img, size=80, tower_sizes=(32, 80), pad=False):
+    """Each tower's input as Eagle builds it: one processed image, resized per tower."""
+    import torch.nn.functional as F
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from mllm_kit.data.transforms import CLIP_MEAN, CLIP_STD
+
+    if pad:  # Eagle's expand2square: the mean colour as int(m·255), the image centred
+        side = max(img.size)
+        canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in CLIP_MEAN))
+        canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+        img = canvas
+    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                      image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), resample=3)
+    x = processor(img, return_tensors="pt")["pixel_values"]
+    return [x if s == size else F.interpolate(x.float(), size=(s, s), mode="bilinear", align_corners=True).to(x.dtype)
+            for s in tower_sizes]
+
+
+@pytest.mark.parametrize("mode", ["center_crop", "pad"])
+@pytest.mark.parametrize("w, h", [(120, 70), (50, 97), (80, 80)])
+def test_shared_normalisation_gives_every_member_eagle_s_pixels(mode, w, h):
+    """``normalize: shared``: the image is processed once, by the highest-resolution member's transform, and every
+    other member reads that tensor resized bilinearly with aligned corners — Eagle's pipeline, pixel for pixel.
+    Tolerance 1e-6: float32 normalisation of the same uint8 pixels; the interpolation is the same torch call."""
+    mix = ENCODERS.build(resolve_component("encoders", EAGLE_LIKE))
+    transform = mix.image_transform.with_mode(mode)
+    pixels = transform(image(w, h))[None]
+    assert pixels.shape == (1, 3, 80, 80) and transform.mean == mix.members["convnext"].image_transform.mean
+    got = mix.member_pixels(pixels)
+    want = eagle_official_pixels(image(w, h), pad=mode == "pad")
+    assert [tuple(x.shape) for x in got] == [(1, 3, 32, 32), (1, 3, 80, 80)]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    clip, _ = mix.features(pixels)  # the members run on exactly those inputs
+    assert torch.equal(clip.selected, mix.members["clip"](want[0]).selected)
+    assert mix.dummy_pixels("cpu").shape == (1, 3, 80, 80)
+
+
+def test_per_member_normalisation_stays_the_default_and_an_option():
+    per_member = ENCODERS.build(resolve_component("encoders", {**EAGLE_LIKE, "normalize": "per_member"}))
+    assert per_member.normalize == ENCODERS.build(resolve_component("encoders", mixture())).normalize == "per_member"
+    a, _ = per_member.member_pixels(per_member.image_transform(image())[None])
+    assert torch.equal(a[0], per_member.members["clip"].image_transform(image()))  # CLIP's own resize from the image
+    assert not torch.allclose(a, eagle_official_pixels(image())[0], atol=1e-3)
+    with pytest.raises(ConfigError, match=r"encoder.normalize: 'mean' is not one of per_member, shared"):
+        ENCODERS.build(resolve_component("encoders", {**EAGLE_LIKE, "normalize": "mean"}))
+    shared = ENCODERS.build(resolve_component("encoders", EAGLE_LIKE))
+    with pytest.raises(ConfigError, match=r"not the shared input \[n_img, 3, 80, 80\]"):
+        shared.member_pixels(per_member.image_transform(image())[None])
+
+
+def test_eagle_preset_and_recipe_use_eagle_s_one_input():
+    """eagle_x2: shared input from the ConvNeXt member (1024 px, CLIP mean/std, centre crop), CLIP at 336 px as
+    Eagle's clip-448 tower is built (input_image_size 336); the recipe's SFT pads to a square (image_aspect_ratio pad)
+    and its alignment keeps the processor's centre crop (the pretrain script sets no image_aspect_ratio)."""
+    from mllm_kit.config import load_recipe
+
+    spec = resolve_component("encoders", "eagle_x2")
+    assert spec["normalize"] == "shared" and spec["members"]["clip"]["image_size"] == 336
+    assert spec["members"]["convnext"]["image_size"] == 1024 and spec["members"]["convnext"]["image_mode"] == "center_crop"
+    recipe = load_recipe("eagle")
+    assert recipe.model.encoder["normalize"] == "shared"
+    assert recipe.stage("align").data.image_mode is None and recipe.stage("sft").data.image_mode == "pad"
+
+
 def _recipe(stages):
     from mllm_kit.config.load import recipe_from_dict
 

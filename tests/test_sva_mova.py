@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from mllm_kit import MLLM
-from mllm_kit.config import resolve_model
 from mllm_kit.batch import Batch
+from mllm_kit.config import resolve_model
 from mllm_kit.connectors.mova import rope_2d, rotate_pairs
 from mllm_kit.connectors.sva import windows
 from mllm_kit.encoders.base import VisualFeatures
@@ -99,7 +99,7 @@ def test_sva_rejects_grids_that_do_not_tile_and_cls_tokens():
         CONNECTORS.build({"name": "sva", "query_side": 4, "hidden": 32, "heads": 2}, in_dims=[16, 24], out_dim=D,
                          grids=[(4, 4), (6, 6)])
     conn = sva()
-    base, fine = feats(*SVA_SHAPES)
+    base, _ = feats(*SVA_SHAPES)
     with_cls = VisualFeatures(hidden_states=(torch.randn(2, 65, 24),), grid=(8, 8), selected_layer=0)
     with pytest.raises(ConfigError, match="select_feature: patch"):
         conn([base, with_cls])
@@ -138,6 +138,30 @@ def test_sva_trains_every_parameter():
 
     train(conn, loss, steps=2, lr=1e-2)
     assert [name for name, p in conn.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+def test_cambrian_recipe_gives_every_sva_layer_the_sampler_lr_and_the_projectors_the_base_lr():
+    """Cambrian's create_optimizer (cambrian/train/cambrian_trainer.py) gives ``mm_vision_sampler_lr`` (1e-4) to every
+    parameter whose name holds "vision_sampler" or "vision_query": the SVA layers (``vision_sampler_<g>``), the layers
+    inside the LLM (``vision_sampler_layers``) and the queries; the adapters (``mm_projector_aux_<i>``) and the output MLP
+    (``mm_projector``) train at ``learning_rate`` (1e-3). The recipe's align stage, resolved into optimiser groups."""
+    from mllm_kit.config import load_recipe, smoke_recipe
+    from mllm_kit.training.optim import param_groups
+    from mllm_kit.training.trainable import apply_trainable
+
+    recipe = smoke_recipe(load_recipe("cambrian"))
+    align = recipe.stage("align")
+    model = MLLM.build(recipe.model)
+    assert list(model.connector.reaggregators) == ["0"]  # --smoke keeps one inside-LLM layer
+    apply_trainable(model, align.trainable)
+    lr = {name: group["lr"] for group in param_groups(model, align.optim) for name in group["names"]}
+    assert set(lr) == {name for name, p in model.named_parameters() if p.requires_grad}
+    sampler = ("connector.samplers.", "connector.reaggregators.", "connector.queries")
+    inside = [name for name in lr if name.startswith("connector.reaggregators.")]
+    assert inside and all(lr[name] == 1e-4 for name in inside), {name: lr[name] for name in inside}
+    assert {lr[name] for name in lr if name.startswith(sampler)} == {1e-4}
+    assert {lr[name] for name in lr if not name.startswith(sampler)} == {1e-3}
+    assert {name.split(".")[1] for name in lr if lr[name] == 1e-3} == {"adapters", "readout"}
 
 
 def sva_model():
@@ -299,9 +323,9 @@ def test_mova_needs_this_forward_s_instruction():
 def test_mova_rotary_embedding_depends_on_relative_offsets_only():
     cos, sin = rope_2d((5, 5), 8)
     q, k = torch.randn(8), torch.randn(8)
-    rot = lambda t, i: t * cos[i] + rotate_pairs(t) * sin[i]  # noqa: E731
-    at = lambda r, c: r * 5 + c  # noqa: E731
-    score = lambda p, s: rot(q, p) @ rot(k, s)  # noqa: E731
+    rot = lambda t, i: t * cos[i] + rotate_pairs(t) * sin[i]
+    at = lambda r, c: r * 5 + c
+    score = lambda p, s: rot(q, p) @ rot(k, s)
     assert torch.allclose(score(at(0, 0), at(1, 2)), score(at(2, 1), at(3, 3)), atol=1e-5)
     assert not torch.allclose(score(at(0, 0), at(1, 2)), score(at(0, 0), at(2, 1)), atol=1e-3)
     assert torch.equal(cos[0], torch.ones(8)) and torch.equal(rotate_pairs(torch.tensor([1.0, 2, 3, 4])), torch.tensor([-2.0, 1, -4, 3]))

@@ -14,11 +14,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bench", action="append", default=[], metavar="NAME=PATH",
                    help="a registered bench and its file, e.g. vqav2=questions.jsonl, mmbench=dev.tsv, synthetic=synthetic:eval "
                         "(repeatable; `mllm-kit components` lists the benches)")
-    g.add_argument("--answers", action="append", default=[], metavar="NAME=PATH", help="gold answers in a separate JSONL, by question_id")
+    g.add_argument("--answers", action="append", default=[], metavar="NAME=PATH",
+                   help="gold answers in a separate file: a JSONL by question_id, or the benchmark's own annotations "
+                        "(VQAv2/GQA/TextVQA/VizWiz annotation JSON, ScienceQA problems.json, SEED-Bench.json, the MME folder)")
     g.add_argument("--image-root", help="folder the benches' image paths are relative to (default: each file's)")
     g.add_argument("--out", help="output folder (default: RUN/eval/STAGE)")
     g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--limit", type=int, default=None, help="only the first N items of each bench")
+    g.add_argument("--limit", type=int, default=None,
+                   help="only the first N questions of each bench (with all their MMBench shifts / MME pair)")
     g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when a GPU is present, else CPU")
     g.add_argument("--max-new-tokens", type=int, default=None, help="default: each bench's own")
 
@@ -34,12 +37,12 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 
 
 def run_benches(args: argparse.Namespace, connector: dict[str, object]) -> int:
-    import dataclasses
 
     import torch
     from rich.console import Console
 
     from mllm_kit.evaluation.benches import get_bench
+    from mllm_kit.evaluation.formats import take
     from mllm_kit.evaluation.runner import rank_and_world, results_table, run_bench, write_results
     from mllm_kit.inference import GenerationConfig, Generator
     from mllm_kit.training.data import resolve_path
@@ -57,10 +60,10 @@ def run_benches(args: argparse.Namespace, connector: dict[str, object]) -> int:
     items = {}
     for name, path in benches.items():  # read (and check) every file before loading the model
         source, root = resolve_path(stage.data, path, args.image_root, run / "data")
-        items[name] = chosen[name].read(source, root, answers.get(name))[: args.limit]
+        items[name] = take(chosen[name].read(source, root, answers.get(name)), args.limit)
     _init_distributed()
     rank, _ = rank_and_world()
-    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else None)
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else None)
     generator = Generator.from_run(run, stage.name, device, connector=connector)
     results = []
     for name, bench in chosen.items():

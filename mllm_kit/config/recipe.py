@@ -146,7 +146,7 @@ class EvalSpec:
     ``max_samples`` caps the samples validation reads during training (the final evaluation reads all).
 
     ``benches`` (name → file, as ``mllm-kit eval --bench NAME=PATH``): benchmarks scored during ``stages`` (default: the
-    last stage) every ``every_n_steps`` optimiser steps (None: at the end of the stage only), ``bench_limit`` items each;
+    last stage) every ``every_n_steps`` optimiser steps (None: at the end of the stage only), ``bench_limit`` questions each (whole MMBench rotations, both MME questions of an image);
     ``keep_best: <bench>/<metric>`` keeps the best step's weights in ``<stage>/best/`` (``keep_best_mode``: max|min)."""
 
     max_new_tokens: int = 8

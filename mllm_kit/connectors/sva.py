@@ -19,6 +19,12 @@ at the image positions are the queries (q_dim = D) of one more such layer over t
 output replaces them (``cambrian_llama.py``; Cambrian-8B: layers 0, 3, …, 27). Those layers live in ``reaggregators``
 (keyed by ``str(layer)``); :meth:`forward` returns one rewrite per layer (``ConnectorOutput.rewrites``) holding this
 forward's windows and context, and the model runs them from hooks on the decoder layers (:mod:`mllm_kit.llm.inject`).
+
+Parameters and their Cambrian names: ``adapters.<i>`` = ``mm_projector_aux_<i>``, ``queries`` = ``vision_query``,
+``samplers.<g>`` = ``vision_sampler_<g>``, ``reaggregators.<layer>`` = ``vision_sampler_layers``, ``readout`` =
+``mm_projector``, ``image_newline``. Cambrian's optimiser gives ``mm_vision_sampler_lr`` to every name holding
+``vision_sampler`` or ``vision_query`` (``cambrian_trainer.py``, ``create_optimizer``): in a recipe, ``module_lr`` for
+``connector.samplers``, ``connector.reaggregators`` and ``connector.queries`` (``recipes/cambrian.yaml``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import partial
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +49,7 @@ def windows(x: torch.Tensor, grid: tuple[int, int], side: int) -> torch.Tensor:
     """``[n, rows·cols, C]`` (row-major) → ``[n·side², (rows/side)·(cols/side), C]``: the tokens under each cell of a
     ``side × side`` grid, cells row-major, each window's tokens row-major."""
     n, _, c = x.shape
-    (rows, cols), (a, b) = grid, (grid[0] // side, grid[1] // side)
+    a, b = grid[0] // side, grid[1] // side  # window rows, cols
     x = x.reshape(n, side, a, side, b, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(n * side * side, a * b, c)
 
@@ -70,7 +77,7 @@ class VisionCrossAttentionLayer(nn.Module):
         kv = [x + self.pos_embed[str(i)].to(x.dtype) if str(i) in self.pos_embed else x for i, x in enumerate(kv)]
         k = torch.cat([proj(x) for proj, x in zip(self.k_proj, kv)], dim=1)
         v = torch.cat([proj(x) for proj, x in zip(self.v_proj, kv)], dim=1)
-        heads = lambda t: t.view(m, t.shape[1], h, -1).transpose(1, 2)  # noqa: E731
+        heads = lambda t: t.view(m, t.shape[1], h, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(heads(self.q_proj(q)), heads(k), heads(v))  # over one cell's window
         return self.o_proj(out.transpose(1, 2).reshape(m, q.shape[1], -1))
 
@@ -89,7 +96,7 @@ class SVAConnector(Connector):
     ``num_layers`` (connector_depth, 3), ``heads`` (16), ``num_query_groups`` (1), ``newline`` (false),
     ``llm_layers`` (none; Cambrian-8B: 0, 3, …, 27)."""
 
-    smoke_options = {"query_side": 2, "hidden": 32, "num_layers": 1, "heads": 2,
+    smoke_options: ClassVar[dict[str, Any]] = {"query_side": 2, "hidden": 32, "num_layers": 1, "heads": 2,
                      "llm_layers": lambda layers: [0] if layers else layers}
 
     def __init__(self, in_dims: Sequence[int], out_dim: int, grids: Sequence[tuple[int, int]], query_side: int = 24,

@@ -330,3 +330,26 @@ def truncate(encoded: Encoded, max_length: int, policy: Truncation = "trim") -> 
             cut = span.start
     out = Encoded(encoded.input_ids[:cut], encoded.labels[:cut], [s for s in encoded.image_spans if s.end <= cut])
     return out if out.num_supervised > 0 else None
+
+
+def truncate_to(encoded: Encoded, num_supervised: int, num_images: int) -> Encoded:
+    """The shortest prefix of ``encoded`` that keeps its first ``num_supervised`` supervised tokens and its first
+    ``num_images`` image spans whole: how a second view of a sample (a distillation teacher's, with another image-token
+    count or template) is cut where :func:`truncate` cut the first, so both supervise the same reply tokens.
+
+    Nothing after the last kept reply token or image is needed: every position a distillation term reads lies before it
+    (causal attention). A cut that would fall inside a later image span moves to the span's start, as in :func:`truncate`.
+    """
+    supervised = [i for i, label in enumerate(encoded.labels) if label != IGNORE_INDEX]
+    spans = encoded.image_spans
+    cut = 0  # asking for more than there is keeps everything: the caller's label check then reports the mismatch
+    if num_supervised:
+        cut = supervised[num_supervised - 1] + 1 if num_supervised <= len(supervised) else len(encoded)
+    if num_images:
+        cut = max(cut, spans[num_images - 1].end if num_images <= len(spans) else len(encoded))
+    if cut >= len(encoded):
+        return encoded
+    for span in spans:
+        if span.start < cut < span.end:
+            cut = span.start
+    return Encoded(encoded.input_ids[:cut], encoded.labels[:cut], [s for s in spans if s.end <= cut])

@@ -10,10 +10,10 @@ import torch
 from torch.utils.data import Dataset
 
 from mllm_kit.batch import IGNORE_INDEX
+from mllm_kit.data.conversation import ConversationEncoder, Encoded, Truncation, truncate, truncate_to
 from mllm_kit.data.formats import Record, load_records
-from mllm_kit.data.templates import Turn
 from mllm_kit.data.images import FolderImages
-from mllm_kit.data.conversation import ConversationEncoder, Truncation, truncate
+from mllm_kit.data.templates import Turn
 from mllm_kit.data.transforms import BaseTransform, CropGridTransform, ImageViews
 from mllm_kit.errors import DataError, ImageError
 from mllm_kit.log import get_logger
@@ -63,8 +63,8 @@ class LlavaDataset(Dataset[Sample]):
 
     Over-long samples are trimmed or dropped by ``truncation`` (never inside an image span); a dropped
     sample is replaced by the next one, and both events are counted and logged. ``instruction`` adds each
-    sample's ``instruction_ids``. ``teacher``: a distillation teacher's view; every sample is encoded for it too, with
-    ``max_length`` widened by its extra image tokens, and must supervise exactly the student's tokens.
+    sample's ``instruction_ids``. ``teacher``: a distillation teacher's view; every sample is encoded for it too, cut
+    where the model's view was cut (not by ``max_length``), and must supervise exactly the model's tokens.
     ``preference``: samples are ``chosen``/``rejected`` pairs (DPO, KTO-pair). ``images``: where image names resolve
     (``load(name, ref)``, ``size(name, ref)``; default the files under ``image_root``, or indexed tar shards).
     """
@@ -183,44 +183,50 @@ class LlavaDataset(Dataset[Sample]):
         return sample
 
     def _encode_both(self, record: Record, turns: tuple[Turn, ...]) -> Sample | int:
-        """The sample in the model's view and, with a teacher, in the teacher's (same supervised tokens, checked)."""
+        """The sample in the model's view and, with a teacher, in the teacher's (same supervised tokens, checked).
+
+        Only the model's view is fitted to ``max_length``; when that cuts it, the teacher's view is cut where it keeps the
+        same reply tokens and images (:func:`~mllm_kit.data.conversation.truncate_to`), whatever its own length — a
+        teacher with fewer image tokens per image would otherwise keep replies the model's view lost."""
         images: dict[str, object] = {}  # decoded once, transformed per view
-        sample = self._encode_view(record, turns, self.view, self.max_length, images, log_events=True)
-        if self.teacher is None or isinstance(sample, int):
+        encoded = self._tokens(record, turns, self.view, images)
+        fitted = truncate(encoded, self.max_length, self.truncation)
+        if fitted is None:
+            self.num_dropped += 1
+            log.warning("%s: dropped (%d tokens > max_length=%d; %d dropped so far)", record.ref, len(encoded), self.max_length,
+                        self.num_dropped)
+            return len(encoded)
+        if fitted is not encoded:
+            self.num_trimmed += 1
+            log.warning("%s: trimmed from %d to %d tokens (%d trimmed so far)", record.ref, len(encoded), len(fitted), self.num_trimmed)
+        sample = self._sample(record, turns, self.view, fitted, images)
+        if self.teacher is None:
             return sample
-        sizes = [images[p].size for p in record.images if p in images]
-        extra = sum(max(0, a - b) for a, b in zip(self.teacher.encoder.image_tokens(sizes, len(sizes)),
-                                                    self.view.encoder.image_tokens(sizes, len(sizes))))
-        extra += max(0, self.teacher.encoder.tokens_per_image - self.view.encoder.tokens_per_image) * (len(record.images) - len(sizes))
-        teacher = self._encode_view(record, turns, self.teacher, self.max_length + extra, images, log_events=False)
+        theirs = self._tokens(record, turns, self.teacher, images)
+        if fitted is not encoded:
+            theirs = truncate_to(theirs, fitted.num_supervised, len(fitted.image_spans))
         mine = sample.labels[sample.labels != IGNORE_INDEX]
-        theirs = None if isinstance(teacher, int) else teacher.labels[teacher.labels != IGNORE_INDEX]
-        if theirs is None or not torch.equal(mine, theirs):
-            got = "drops it" if theirs is None else f"supervises {len(theirs)} tokens"
-            raise DataError(f"{record.ref}: the teacher's view of this sample {got}, the student's {len(mine)} tokens "
-                            f"differ from it; distillation aligns replies through their tokens, so the teacher's template "
-                            f"and tokenizer must encode replies exactly like the student's (teacher.template, teacher.vocab).")
-        sample.teacher = teacher
+        their_labels = torch.tensor([t for t in theirs.labels if t != IGNORE_INDEX], dtype=torch.long)
+        if not torch.equal(mine, their_labels):
+            raise DataError(f"{record.ref}: the teacher's view of this sample supervises {len(their_labels)} tokens, the "
+                            f"student's {len(mine)} tokens differ from it; distillation aligns replies through their tokens, so "
+                            f"the teacher's template and tokenizer must encode replies exactly like the student's (teacher.template, "
+                            f"teacher.vocab).")
+        sample.teacher = self._sample(record, turns, self.teacher, theirs, images)
         return sample
 
-    def _encode_view(self, record: Record, turns: tuple[Turn, ...], view: View, max_length: int, images: dict[str, object],
-                     log_events: bool) -> Sample | int:
+    def _tokens(self, record: Record, turns: tuple[Turn, ...], view: View, images: dict[str, object]) -> Encoded:
+        """``turns`` encoded in ``view`` (decoding the images first when their sizes set the token counts)."""
         sizes = None
         if view.encoder.dynamic:  # each image's token count follows from its size: decode the images first
             for p in record.images:
                 if p not in images:
                     images[p] = self.images.load(p, record.ref)
             sizes = [images[p].size for p in record.images]
-        encoded = view.encoder.encode_prompt(turns, sizes) if self.prompt else view.encoder.encode(turns, sizes)
-        fitted = truncate(encoded, max_length, self.truncation)
-        if fitted is None:
-            if log_events:
-                self.num_dropped += 1
-                log.warning("%s: dropped (%d tokens > max_length=%d; %d dropped so far)", record.ref, len(encoded), max_length, self.num_dropped)
-            return len(encoded)
-        if fitted is not encoded and log_events:
-            self.num_trimmed += 1
-            log.warning("%s: trimmed from %d to %d tokens (%d trimmed so far)", record.ref, len(encoded), len(fitted), self.num_trimmed)
+        return view.encoder.encode_prompt(turns, sizes) if self.prompt else view.encoder.encode(turns, sizes)
+
+    def _sample(self, record: Record, turns: tuple[Turn, ...], view: View, fitted: Encoded, images: dict[str, object]) -> Sample:
+        """The :class:`Sample` of ``fitted`` in ``view``: its ids and labels, and the images it kept, transformed."""
         kept = record.images[: len(fitted.image_spans)]
         pixel_values, crops, grids = None, None, []
         if kept:

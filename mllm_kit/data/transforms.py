@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -151,13 +152,26 @@ def best_grid(width: int, height: int, size: int, grids: list[tuple[int, int]]) 
     return max(grids, key=score)
 
 
+def fit_size(width: int, height: int, target_w: int, target_h: int) -> tuple[int, int]:
+    """The ``(width, height)`` an image of ``(width, height)`` is resized to inside a ``target_w × target_h`` canvas,
+    aspect kept: the side with the smaller scale fills the canvas and the other is rounded *up* (capped at the canvas),
+    as LLaVA-NeXT's ``resize_and_pad_image`` (LLaVA-VL/LLaVA-NeXT ``llava/mm_utils.py``) and transformers'
+    ``get_patch_output_size`` compute it — same float expressions, same tie (equal scales fill the height)."""
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        return target_w, min(math.ceil(height * scale_w), target_h)
+    return min(math.ceil(width * scale_h), target_w), target_h
+
+
 @dataclass(frozen=True)
 class CropGridTransform:
     """``base`` for the global view, plus a high-resolution view cut into crops (DeepStack §3.1, LLaVA-NeXT AnyRes §3.2).
 
-    The image is resized (aspect kept) into the best-fitting ``grids`` entry (:func:`best_grid`) of ``base.size``
-    crops, padded with black as LLaVA-NeXT's ``resize_and_pad_image`` does, and cut row-major into crops that
-    ``base`` transforms like the global view.
+    The image is resized (aspect kept, :func:`fit_size`; bicubic) into the best-fitting ``grids`` entry
+    (:func:`best_grid`) of ``base.size`` crops, centred on a black canvas (offset ``(canvas − resized) // 2``) as
+    LLaVA-NeXT's ``resize_and_pad_image`` does, and cut row-major into crops that ``base`` transforms like the global
+    view. With ``base`` in ``resize`` mode the views equal transformers' ``LlavaNextImageProcessorPil`` output
+    (tests/test_anyres.py).
     """
 
     base: BaseTransform
@@ -174,8 +188,7 @@ class CropGridTransform:
         size = self.base.size
         rows, cols = self.grid_for(image.width, image.height)
         target_w, target_h = cols * size, rows * size
-        scale = min(target_w / image.width, target_h / image.height)
-        new_w, new_h = min(target_w, max(1, round(image.width * scale))), min(target_h, max(1, round(image.height * scale)))
+        new_w, new_h = fit_size(image.width, image.height, target_w, target_h)
         canvas = Image.new("RGB", (target_w, target_h), (0, 0, 0))
         canvas.paste(image.resize((new_w, new_h), Image.Resampling.BICUBIC), ((target_w - new_w) // 2, (target_h - new_h) // 2))
         crops = [canvas.crop((c * size, r * size, (c + 1) * size, (r + 1) * size)) for r in range(rows) for c in range(cols)]

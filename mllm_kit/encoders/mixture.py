@@ -1,11 +1,19 @@
 """A mixture of vision encoders: named members, each an ordinary encoder spec (specs/components.md §5).
 
-Every member keeps its own resolution, normalisation, layer selection and CLS policy; one decoded image is transformed
-for each member (:class:`~mllm_kit.data.transforms.MixtureTransform`) and every member runs once per image. The
-connector receives one :class:`VisualFeatures` per member, in member order (``in_dims`` and ``grids`` have one entry
-per member), and a fusion connector (``channel_concat``, ``sequence_concat``, ``comm``, ``mova``, ``sva``) combines
-them. Members are submodules ``encoder.members.<name>``: a stage trains or freezes them by that path and gives them
-their own learning rate (``module_lr``).
+Every member keeps its own resolution, layer selection and CLS policy, and runs once per image. Its input comes one of
+two ways (``normalize``):
+
+* ``per_member`` (default; Cambrian, MoVA, COMM, Prismatic): one decoded image is resized and normalised by each
+  member's own transform (:class:`~mllm_kit.data.transforms.MixtureTransform`);
+* ``shared`` (Eagle): the image is resized and normalised once, by the transform of the highest-resolution member, and
+  every other member receives that normalised tensor bilinearly resized (align_corners=True) to its own image size —
+  NVlabs/Eagle ``multi_backbone_channel_concatenation_encoder.py`` (``forward``; the one image processor is the
+  ConvNeXt tower's, CLIP mean/std at 1024 px).
+
+The connector receives one :class:`VisualFeatures` per member, in member order (``in_dims`` and ``grids`` have one
+entry per member), and a fusion connector (``channel_concat``, ``sequence_concat``, ``comm``, ``mova``, ``sva``)
+combines them. Members are submodules ``encoder.members.<name>``: a stage trains or freezes them by that path and gives
+them their own learning rate (``module_lr``).
 """
 
 from __future__ import annotations
@@ -18,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllm_kit.data.transforms import MixtureTransform
+from mllm_kit.data.transforms import ImageTransform, MixtureTransform
 from mllm_kit.encoders.base import VisionEncoder, VisualFeatures
 from mllm_kit.errors import ConfigError, did_you_mean
 from mllm_kit.registry import ENCODERS, register_encoder
+
+NORMALIZE = ("per_member", "shared")
 
 
 @register_encoder("mixture")
@@ -37,12 +47,21 @@ class MixtureEncoder(VisionEncoder):
     Cambrian's 576-token towers and 96×96 ConvNeXt. ``path``: the directory a saved mixture's members live in
     (their ``path`` is relative to it; :meth:`save_pretrained` writes it).
 
-    Pixels: ``[n_img, Σ 3·Hᵢ·Wᵢ]``, every member's normalised image flattened in member order.
+    ``normalize``: ``per_member`` (default) — each member's own transform (size, resize mode, mean/std); pixels
+    ``[n_img, Σ 3·Hᵢ·Wᵢ]``, every member's normalised image flattened in member order. ``shared`` (Eagle) — one
+    transform, the highest-resolution member's (the first, on a tie): pixels ``[n_img, 3, S, S]``, and member i reads
+    them resized to ``Sᵢ × Sᵢ`` (bilinear, align_corners=True, in float32, as Eagle's tower does); the other members'
+    own resize mode and mean/std are not used (Eagle feeds its SAM, EVA and Pix2Struct towers the ConvNeXt's
+    CLIP-normalised input).
     """
 
     def __init__(self, members: Mapping[str, Any], resample: Mapping[str, list[int]] | None = None,
-                 path: str | None = None, order: list[str] | None = None) -> None:
+                 path: str | None = None, order: list[str] | None = None, normalize: str = "per_member") -> None:
         super().__init__(select_layer=-1, select_feature="patch", frozen=False)
+        if normalize not in NORMALIZE:
+            raise ConfigError(f"encoder.normalize: {normalize!r} is not one of {', '.join(NORMALIZE)} (per_member: each member "
+                              "resizes and normalises the image itself; shared: one input for all, as Eagle).")
+        self.normalize = normalize
         if not isinstance(members, Mapping) or not members:
             raise ConfigError("encoder.members: a mixture needs a mapping of at least one member name → encoder spec.")
         if order is not None:
@@ -78,8 +97,10 @@ class MixtureEncoder(VisionEncoder):
         base = self.base
         self.embed_dim, self.num_layers, self.patch_size = base.embed_dim, base.num_layers, base.patch_size
         self.image_size, self.num_prefix_tokens, self.layer_cls = base.image_size, 0, base.layer_cls
-        self.image_transform = MixtureTransform(tuple(m.image_transform for m in self.members.values()))
-        self._pixel_shapes = [(3, t.size, t.size) for t in self.image_transform.transforms]
+        transforms = tuple(m.image_transform for m in self.members.values())
+        self._input_sizes = [t.size for t in transforms]
+        self.image_transform: ImageTransform | MixtureTransform = (
+            max(transforms, key=lambda t: t.size) if normalize == "shared" else MixtureTransform(transforms))
 
     @property
     def base(self) -> VisionEncoder:
@@ -119,13 +140,24 @@ class MixtureEncoder(VisionEncoder):
         return [self._resample.get(name, m.grid) for name, m in self.members.items()]
 
     def member_pixels(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """``[n_img, Σ 3·Hᵢ·Wᵢ]`` → each member's ``[n_img, 3, Hᵢ, Wᵢ]`` (views)."""
-        sizes = [c * h * w for c, h, w in self._pixel_shapes]
+        """What each member reads, ``[n_img, 3, Sᵢ, Sᵢ]``: views of ``[n_img, Σ 3·Sᵢ²]`` (``per_member``), or the shared
+        ``[n_img, 3, S, S]`` resized to Sᵢ where Sᵢ ≠ S (``shared``; Eagle's ``F.interpolate(x.float(), (Sᵢ, Sᵢ),
+        mode="bilinear", align_corners=True).to(x.dtype)``)."""
+        if self.normalize == "shared":
+            size = self.image_transform.size
+            if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+                raise ConfigError(f"mixture encoder (normalize: shared): pixel values of shape {tuple(pixel_values.shape)} are "
+                                  f"not the shared input [n_img, 3, {size}, {size}]; build the images with the mixture's "
+                                  f"image_transform.")
+            return [pixel_values if s == size else
+                    F.interpolate(pixel_values.float(), size=(s, s), mode="bilinear", align_corners=True).to(pixel_values.dtype)
+                    for s in self._input_sizes]
+        sizes = [3 * s * s for s in self._input_sizes]
         if pixel_values.dim() != 2 or pixel_values.shape[1] != sum(sizes):
             raise ConfigError(f"mixture encoder: pixel values of shape {tuple(pixel_values.shape)} are not the members' "
                               f"flattened images [n_img, {sum(sizes)}]; build the images with the mixture's image_transform.")
         chunks = pixel_values.split(sizes, dim=1)
-        return [x.view(-1, *shape) for x, shape in zip(chunks, self._pixel_shapes)]
+        return [x.view(-1, 3, s, s) for x, s in zip(chunks, self._input_sizes)]
 
     def features(self, pixel_values: torch.Tensor) -> list[VisualFeatures]:
         out = []
@@ -140,7 +172,10 @@ class MixtureEncoder(VisionEncoder):
         raise ConfigError("a mixture encoder gives one feature set per member: call features(); connectors read them all.")
 
     def dummy_pixels(self, device: torch.device | str) -> torch.Tensor:
-        return torch.zeros(1, sum(c * h * w for c, h, w in self._pixel_shapes), device=device, dtype=self.dtype)
+        if self.normalize == "shared":
+            size = self.image_transform.size
+            return torch.zeros(1, 3, size, size, device=device, dtype=self.dtype)
+        return torch.zeros(1, sum(3 * s * s for s in self._input_sizes), device=device, dtype=self.dtype)
 
     def enable_activation_checkpointing(self) -> None:
         for member in self.members.values():

@@ -11,11 +11,11 @@ from typing import Any
 import lightning as L
 
 from mllm_kit.config.recipe import DataSpec
+from mllm_kit.errors import ConfigError
 from mllm_kit.evaluation.benches import Bench
-from mllm_kit.evaluation.formats import Item
+from mllm_kit.evaluation.formats import Item, take
 from mllm_kit.evaluation.runner import BenchResult, run_bench
 from mllm_kit.inference import GenerationConfig, Generator
-from mllm_kit.errors import ConfigError
 from mllm_kit.log import get_logger
 
 log = get_logger(__name__)
@@ -106,7 +106,7 @@ def read_benches(recipe: Any, stage: Any, data_root: Path | None) -> dict[str, t
             continue
         bench = get_bench(name)
         path, root = resolve_path(stage.data, source, None, data_root or Path("."))
-        out[name] = (bench, bench.read(path, root)[: recipe.eval.bench_limit])
+        out[name] = (bench, take(bench.read(path, root), recipe.eval.bench_limit))
     return out
 
 

@@ -11,16 +11,51 @@ from torchmetrics import Metric
 
 from mllm_kit.errors import ConfigError, did_you_mean
 from mllm_kit.metrics.anls import ANLS, anls_score
-from mllm_kit.metrics.caption import BLEU4, CIDErD, RougeL, cider_d_scores
-from mllm_kit.metrics.choice import (CircularChoiceAccuracy, LetterChoiceAccuracy, LikelihoodChoiceAccuracy,
-                                     parse_option_letter)
-from mllm_kit.metrics.normalize import normalize_anls_answer, normalize_gqa_answer, normalize_vqa_answer, ptb_tokenize
+from mllm_kit.metrics.caption import (
+    BLEU4,
+    CIDErD,
+    COCOCaptionScores,
+    RougeL,
+    cider_d_scores,
+    coco_bleu4,
+    coco_rouge_l_scores,
+    coco_tokenize,
+)
+from mllm_kit.metrics.choice import (
+    CircularChoiceAccuracy,
+    LetterChoiceAccuracy,
+    LikelihoodChoiceAccuracy,
+    ScienceQAAccuracy,
+    SEEDAccuracy,
+    parse_option_letter,
+    scienceqa_choice,
+)
+from mllm_kit.metrics.mme import MME_COGNITION, MME_PERCEPTION, MME_SUBTASKS, MMEScore, mme_answer
+from mllm_kit.metrics.normalize import (
+    evalai_answer,
+    normalize_anls_answer,
+    normalize_gqa_answer,
+    normalize_vqa_answer,
+    ptb_tokenize,
+)
 from mllm_kit.metrics.pope import POPE, pope_answer_is_yes
-from mllm_kit.metrics.vqa import ExactMatch, VQAv2Accuracy, vqa_soft_accuracy
+from mllm_kit.metrics.vqa import (
+    ExactMatch,
+    GQAAccuracy,
+    TextVQAAccuracy,
+    VizWizAccuracy,
+    VQAv2Accuracy,
+    gqa_answer,
+    textvqa_accuracy,
+    vizwiz_accuracy,
+    vqa_soft_accuracy,
+)
 
 METRICS: dict[str, type[Metric]] = {
     "vqav2": VQAv2Accuracy,
-    "gqa": ExactMatch,
+    "textvqa": TextVQAAccuracy,
+    "vizwiz": VizWizAccuracy,
+    "gqa": GQAAccuracy,
     "exact_match": ExactMatch,
     "anls": ANLS,
     "docvqa": ANLS,
@@ -29,6 +64,10 @@ METRICS: dict[str, type[Metric]] = {
     "mmbench": CircularChoiceAccuracy,
     "mmbench_circular": CircularChoiceAccuracy,
     "pope": POPE,
+    "scienceqa": ScienceQAAccuracy,
+    "seed": SEEDAccuracy,
+    "mme": MMEScore,
+    "coco_caption": COCOCaptionScores,
     "bleu4": BLEU4,
     "rouge_l": RougeL,
     "cider": CIDErD,
@@ -49,8 +88,44 @@ def build_metric(name: str, **options) -> Metric:
 
 
 __all__ = [
-    "ANLS", "BLEU4", "CIDErD", "METRICS", "POPE", "CircularChoiceAccuracy", "ExactMatch", "LetterChoiceAccuracy",
-    "LikelihoodChoiceAccuracy", "RougeL", "VQAv2Accuracy", "anls_score", "build_metric", "cider_d_scores",
-    "normalize_anls_answer", "normalize_gqa_answer", "normalize_vqa_answer", "parse_option_letter",
-    "pope_answer_is_yes", "ptb_tokenize", "vqa_soft_accuracy",
+    "ANLS",
+    "BLEU4",
+    "METRICS",
+    "MME_COGNITION",
+    "MME_PERCEPTION",
+    "MME_SUBTASKS",
+    "POPE",
+    "CIDErD",
+    "COCOCaptionScores",
+    "CircularChoiceAccuracy",
+    "ExactMatch",
+    "GQAAccuracy",
+    "LetterChoiceAccuracy",
+    "LikelihoodChoiceAccuracy",
+    "MMEScore",
+    "RougeL",
+    "SEEDAccuracy",
+    "ScienceQAAccuracy",
+    "TextVQAAccuracy",
+    "VQAv2Accuracy",
+    "VizWizAccuracy",
+    "anls_score",
+    "build_metric",
+    "cider_d_scores",
+    "coco_bleu4",
+    "coco_rouge_l_scores",
+    "coco_tokenize",
+    "evalai_answer",
+    "gqa_answer",
+    "mme_answer",
+    "normalize_anls_answer",
+    "normalize_gqa_answer",
+    "normalize_vqa_answer",
+    "parse_option_letter",
+    "pope_answer_is_yes",
+    "ptb_tokenize",
+    "scienceqa_choice",
+    "textvqa_accuracy",
+    "vizwiz_accuracy",
+    "vqa_soft_accuracy",
 ]

@@ -11,6 +11,7 @@ per-string companion state stay aligned after a sync.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -79,3 +80,52 @@ def cat_state(values: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
         return values.flatten()
     return dim_zero_cat(values).flatten() if values else torch.zeros(0)
+
+
+def category_key(category: str) -> str:
+    """A category as a metric-name suffix: runs of other characters than letters and digits become "_" ("yes/no" ->
+    "yes_no"), so ``bench/<name>/<metric>`` keys and ``eval.keep_best`` stay unambiguous."""
+    return re.sub(r"[^0-9A-Za-z]+", "_", str(category)).strip("_").lower() or "none"
+
+
+class MeanByCategory(Metric):
+    """The mean of per-sample scores, overall and per category. ``categories`` are declared when the metric is built
+    (a bench knows them from its file) so every rank holds the same sum states; ``compute()`` reports a category only
+    when it had samples, as ``<name>_<category_key>``."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, categories: Sequence[str] = (), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.categories = list(dict.fromkeys(str(c) for c in categories))
+        keys = [category_key(c) for c in self.categories]
+        if len(set(keys)) < len(keys):
+            raise DataError(f"{type(self).__name__}: categories {self.categories} give the same metric name "
+                            f"{sorted({k for k in keys if keys.count(k) > 1})}; rename one of them.")
+        add_sums(self, "score", "total")
+        for k in range(len(self.categories)):
+            add_sums(self, f"score_{k}", f"total_{k}")
+
+    def _add(self, scores: Sequence[float], categories: Sequence[str] | None) -> None:
+        name = type(self).__name__
+        if categories is not None:
+            check_lengths(name, scores=scores, categories=categories)
+            index = {c: k for k, c in enumerate(self.categories)}
+            for i, (score, category) in enumerate(zip(scores, categories)):
+                if str(category) not in index:
+                    raise DataError(f"{name}.update: sample {i} of the batch has category {category!r}, which is not one "
+                                    f"of the categories it was built with {self.categories}.")
+                k = index[str(category)]
+                setattr(self, f"score_{k}", getattr(self, f"score_{k}") + score)
+                setattr(self, f"total_{k}", getattr(self, f"total_{k}") + 1)
+        self.score += sum(scores)
+        self.total += len(scores)
+
+    def _means(self, name: str) -> dict[str, torch.Tensor]:
+        out = {name: ratio(self.score, self.total)}
+        for k, category in enumerate(self.categories):
+            total = getattr(self, f"total_{k}")
+            if total > 0:
+                out[f"{name}_{category_key(category)}"] = ratio(getattr(self, f"score_{k}"), total)
+        return {**out, "num_samples": self.total}

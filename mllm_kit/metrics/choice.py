@@ -1,9 +1,10 @@
-"""Multiple choice: by option log-likelihood, by the generated letter (MMBench's matching), and MMBench's circular
-evaluation."""
+"""Multiple choice: by option log-likelihood, by the generated letter (MMBench's matching), MMBench's circular
+evaluation, and the letter rules of LLaVA's ScienceQA and SEED-Bench scripts."""
 
 from __future__ import annotations
 
 import operator
+import re
 import string
 from collections.abc import Sequence
 
@@ -11,7 +12,16 @@ import torch
 from torchmetrics import Metric
 
 from mllm_kit.errors import ConfigError, DataError
-from mllm_kit.metrics.base import add_sums, add_text_state, append_texts, cat_state, check_lengths, ratio, read_texts
+from mllm_kit.metrics.base import (
+    MeanByCategory,
+    add_sums,
+    add_text_state,
+    append_texts,
+    cat_state,
+    check_lengths,
+    ratio,
+    read_texts,
+)
 
 # VLMEvalKit's can_infer_option: answers containing one of these are refusals (it returns 'Z': never correct).
 _REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
@@ -187,3 +197,78 @@ class CircularChoiceAccuracy(_LetterChoice):
         return {"accuracy": ratio(torch.tensor(float(sum(passed.values())), dtype=torch.float64), groups),
                 "vanilla_accuracy": ratio(hits.sum(), torch.tensor(float(hits.numel()), dtype=torch.float64)),
                 "num_groups": groups, "num_samples": torch.tensor(float(hits.numel()), dtype=torch.float64)}
+
+
+# ---- ScienceQA (LLaVA's llava/eval/eval_science_qa.py) ---------------------------------------------------------
+
+_SQA_OPTIONS = ("A", "B", "C", "D", "E")  # eval_science_qa.py's ``--options`` default (a list: "AB" is not in it)
+_SQA_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
+
+
+def scienceqa_choice(text: str, num_choices: int) -> int | None:
+    """The option index LLaVA's ``eval_science_qa.py`` reads from an answer, or ``None`` ("FAILED"): the whole text
+    is one of ``A``–``E``; else it starts with a letter of those followed by ". "; else ``The answer is X.``
+    (``re.findall(r'The answer is ([A-Z]).')``, sic: the final "." is any character, so the letter cannot end the
+    text) matches exactly once. The letter counts only among the question's first ``num_choices`` options
+    (``get_pred_idx``). Case matters: "b" is no answer."""
+    if text in _SQA_OPTIONS:
+        letter = text
+    elif len(text) >= 3 and text[0] in _SQA_OPTIONS and text[1:3] == ". ":
+        letter = text[0]
+    else:
+        found = _SQA_ANSWER_IS.findall(text)
+        letter = found[0] if len(found) == 1 else None
+    return _SQA_OPTIONS.index(letter) if letter and letter in _SQA_OPTIONS[:num_choices] else None
+
+
+class ScienceQAAccuracy(Metric):
+    """ScienceQA accuracy, equal to LLaVA's ``llava/eval/eval_science_qa.py`` (its ``Accuracy``, or ``IMG-Accuracy``
+    when fed the questions with an image only, as the ``scienceqa_img`` bench does): the option read by
+    :func:`scienceqa_choice` against ``problems.json``'s ``answer`` index.
+
+    ``update(predictions, targets, num_choices)``: the generated text, the gold option index and the question's
+    number of choices. ``compute()`` → ``{"accuracy", "num_samples"}``.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        add_sums(self, "correct", "total")
+
+    def update(self, predictions: Sequence[str], targets: Sequence[int], num_choices: Sequence[int]) -> None:
+        name = type(self).__name__
+        check_lengths(name, predictions=predictions, targets=targets, num_choices=num_choices)
+        for i, (target, count) in enumerate(zip(targets, num_choices)):
+            if not 0 <= int(target) < int(count):
+                raise DataError(f"{name}.update: sample {i} of the batch has gold option {target!r} but {count} choices.")
+        self.correct += sum(scienceqa_choice(p, int(n)) == int(t) for p, t, n in zip(predictions, targets, num_choices))
+        self.total += len(predictions)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {"accuracy": ratio(self.correct, self.total), "num_samples": self.total}
+
+
+# ---- SEED-Bench (LLaVA's scripts/convert_seed_for_submission.py) -----------------------------------------------
+
+
+class SEEDAccuracy(MeanByCategory):
+    """SEED-Bench accuracy, equal to LLaVA's ``scripts/convert_seed_for_submission.py``: an answer is right when the
+    generated text *is* the gold letter (``row['text'] == question['answer']``: "B" counts, "B." and "b" do not),
+    averaged over all questions and per ``data_type`` (``image``, ``video``) as its "Total", "image" and "video"
+    accuracies.
+
+    ``update(predictions, targets, data_types=None)``: the generated text, the gold letter and optionally the
+    question's ``data_type``. ``compute()`` → ``{"accuracy", "accuracy_<data_type>"..., "num_samples"}``.
+    """
+
+    def __init__(self, data_types: Sequence[str] = ("image", "video"), **kwargs) -> None:
+        super().__init__(data_types, **kwargs)
+
+    def update(self, predictions: Sequence[str], targets: Sequence[str], data_types: Sequence[str] | None = None) -> None:
+        check_lengths(type(self).__name__, predictions=predictions, targets=targets)
+        self._add([float(p == t) for p, t in zip(predictions, targets)], data_types)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return self._means("accuracy")

@@ -2,6 +2,7 @@
 
 * :func:`divergence`: the teacher/student next-token divergence family of LLaVA-KD (§7.1; LLAVADI's forward,
   reverse and JS variants, §7.2), one value per position.
+* :func:`zscore`: LLAVADI's logit standardisation (``--norm_logits``), applied before a divergence.
 * :func:`soft_cross_entropy`: LLaVA-MoD's mimic loss (§7.3).
 * :func:`relation_loss`: LLaVA-KD's RDist (§7.1).
 * :func:`hidden_alignment`: LLAVADI's final-layer hidden-state alignment (§7.2).
@@ -93,6 +94,24 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind:
     else:  # skew_reverse
         out = _kl(p_s, log_s, log_mix(1.0 - lam))
     return out * temperature**2 if temperature != 1.0 else out
+
+
+def zscore(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """``[..., V]`` → ``[..., V]``: each row minus its mean over the vocabulary, divided by ``eps`` + its standard
+    deviation (unbiased, ``V − 1``) — LLAVADI's ``normalize`` under ``--norm_logits`` (xushilin1/LLaVADI,
+    ``projects/distill/distill_llava_llama.py``, ``DistillModel.forward``), applied to student and teacher logits alike.
+
+    A softmax of the result is the softmax of the logits at the row's own temperature σ + ε. Infinite entries (masked
+    logits) are left out of the mean and deviation and stay infinite, so the divergences still drop them.
+    """
+    (z,) = _promote(logits)
+    finite = torch.isfinite(z)
+    safe = torch.where(finite, z, 0.0)  # no inf enters an arithmetic op, so no NaN reaches the gradient either
+    n = finite.sum(-1, keepdim=True)
+    mean = safe.sum(-1, keepdim=True) / n.clamp_min(1)
+    centred = torch.where(finite, safe - mean, 0.0)
+    std = (centred.square().sum(-1, keepdim=True) / (n - 1).clamp_min(1)).sqrt()
+    return torch.where(finite, centred / (eps + std), z)
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
