@@ -23,7 +23,8 @@ class Batch:
     ``segments`` ``[B, T]`` the sample (0..S−1) of every position; padded rows leave the three ``None``.
     ``row_lengths``: each row's positions that are not padding (host count, set by the collators), so that throughput
     and padding waste are known without reading ``attention_mask`` back from the device.
-    ``num_loss_tokens``: supervised targets after the causal shift (host count). A batch is not changed after
+    ``num_loss_tokens``: supervised targets after the causal shift (host count); ``num_answer_spans``: supervised
+    spans, i.e. positions whose next token starts an answer (host count; PDrop's training queries). A batch is not changed after
     collation; the trainer derives the loss normaliser from the loader's per-step counts. ``loss_weights`` ``[B, T]``:
     each label position's weight under ``data.loss_weighting`` other than ``token`` (``None``: every supervised token
     weighs 1), with their host sum ``loss_weight_sum``; :attr:`loss_total` is what the normaliser sums.
@@ -50,6 +51,7 @@ class Batch:
     segments: torch.Tensor | None = None
     sample_ids: list[str] = field(default_factory=list)
     num_loss_tokens: int | None = None
+    num_answer_spans: int | None = None
     loss_weights: torch.Tensor | None = None
     loss_weight_sum: float | None = None
     crop_pixel_values: torch.Tensor | None = None

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,14 +11,17 @@ import torch
 from torch import nn
 
 from mllm_kit.batch import Batch
-from mllm_kit.connectors.base import Connector, ConnectorOutput, add_aux, build_connector
-from mllm_kit.encoders.base import VisionEncoder
+from mllm_kit.connectors.base import Connector, ConnectorOutput, build_connector
+from mllm_kit.context import ForwardContext
 from mllm_kit.data.transforms import BaseTransform, CropGridTransform
+from mllm_kit.encoders.base import VisionEncoder
 from mllm_kit.errors import ConfigError, MllmKitError
+from mllm_kit.layers.reports import Reports, add_aux, expert_metrics
 from mllm_kit.llm.base import LanguageModel
+from mllm_kit.llm.decoding import bound, recompute_context
+from mllm_kit.llm.steps import LayerStep
 from mllm_kit.registry import ENCODERS, LLMS, Registry
-from mllm_kit.saving import MLLM_CONFIG, load_mllm, save_mllm
-
+from mllm_kit.saving import load_mllm, save_mllm
 
 
 @dataclass
@@ -62,33 +63,39 @@ class MLLM(nn.Module):
         self.connector = connector
         self.llm = llm
         self.transforms: list[dict[str, Any]] = []
-        self._aux_modules: list[nn.Module] = []
-        self._context_modules: list[nn.Module] = []
+        self.efficiency: Any = None  # a token-efficiency method (mllm_kit.efficiency): its drop steps join every call
+        self._reporters: list[nn.Module] = []
+        self._step_sources: list[nn.Module] = []
 
     def record_transform(self, spec: Mapping[str, Any] | None) -> None:
         """Transforms that change the model's structure record their spec here, so that :meth:`from_pretrained`
         can rebuild the structure before loading the trained weights (``None`` records nothing, e.g. after
-        ``merge_lora`` removed what ``add_lora`` added). Then the modules that transforms added are found again:
+        ``merge_lora`` removed what ``add_lora`` added). Then the modules that transforms added are found again, by
+        what their classes declare:
 
-        * ``aux_losses`` / ``metrics`` (dicts, refreshed by each forward): summed into the loss parts / logged;
-        * ``set_context(text_embeds [B, L, D], mask [B, L])``: called before each LLM forward with the token
-          embeddings of each sample's instruction — what an instance-level gate reads (LoRA-MoE); see
-          :meth:`embed_inputs`.
+        * ``reports_aux = True``: its forward takes ``report`` — a callable it gives its aux losses and metrics (MoE
+          layers), bound for each forward and summed over layers into :attr:`MLLMOutput.aux_losses`;
+        * ``layer_steps(ctx) -> [LayerStep]``: contributes steps to each call (the LoRA-MoE instance gate, which reads
+          ``ctx.instruction``: each sample's instruction embeddings).
         """
         if spec is not None:
             self.transforms.append(dict(spec))
         modules = [*self.encoder.modules(), *self.llm.modules()]  # connectors report through ConnectorOutput
-        self._aux_modules = [m for m in modules if isinstance(getattr(m, "aux_losses", None), dict)]
-        self._context_modules = [m for m in modules if callable(getattr(m, "set_context", None))]
+        self._reporters = [m for m in modules if getattr(type(m), "reports_aux", False)]
+        self._step_sources = [m for m in modules if callable(getattr(m, "layer_steps", None))]
 
     @property
     def reads_instruction(self) -> bool:
         """Whether a module reads each sample's instruction (then datasets supply ``instruction_ids``)."""
-        return bool(self._context_modules) or self._connector_reads_context
+        return bool(self._step_sources) or bool(getattr(self.connector, "reads_instruction", False))
 
-    @property
-    def _connector_reads_context(self) -> bool:
-        return callable(getattr(self.connector, "set_context", None))
+    def set_efficiency(self, spec: Mapping[str, Any] | str | None, where: str = "model.efficiency") -> None:
+        """Use a token-efficiency method (``{"method": "fastv", "layer": 2, "ratio": 0.5}``, a registered name, or
+        ``{"_target_": ...}``) in every later forward and generation; ``None`` turns it off. Checked against this
+        model here (``where`` names the recipe key in errors)."""
+        from mllm_kit.efficiency import build_efficiency
+
+        self.efficiency = build_efficiency(spec, self, where)
 
     @classmethod
     def build(cls, encoder: Any, connector: Mapping[str, Any] | str | None = None, llm: Mapping[str, Any] | str | None = None) -> MLLM:
@@ -109,8 +116,10 @@ class MLLM(nn.Module):
     # -- saving and loading ----------------------------------------------------------------------
     def enable_activation_checkpointing(self) -> None:
         """Recompute every LLM block in backward, and every encoder block when the encoder trains (a frozen one keeps
-        no activations for backward anyway)."""
-        self.llm.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        no activations for backward anyway). The recompute re-installs the hooks of the call that ran the forward
+        (:func:`~mllm_kit.llm.decoding.recompute_context`), so arguments bound for that call reach the same modules."""
+        self.llm.model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": recompute_context})
         if any(p.requires_grad for p in self.encoder.parameters()):
             self.encoder.enable_activation_checkpointing()
 
@@ -158,22 +167,6 @@ class MLLM(nn.Module):
             return CropGridTransform(transform, tuple(candidates))
         return transform
 
-    @contextlib.contextmanager
-    def connector_options(self, **options: Any) -> Iterator[None]:
-        """Set connector attributes for the passes inside the block (e.g. a Matryoshka ``scale``); restored after.
-        An objective that runs several passes per batch asks for them (see :meth:`Objective.passes`)."""
-        missing = [k for k in options if not hasattr(self.connector, k)]
-        if missing:
-            raise ConfigError(f"connector {type(self.connector).__name__} has no option(s) {missing} to set for a pass.")
-        previous = {k: getattr(self.connector, k) for k in options}
-        try:
-            for k, v in options.items():
-                setattr(self.connector, k, v)
-            yield
-        finally:
-            for k, v in previous.items():
-                setattr(self.connector, k, v)
-
     @property
     def tokenizer(self):
         return self.llm.tokenizer
@@ -186,13 +179,16 @@ class MLLM(nn.Module):
     def encode_images(
         self,
         pixel_values: torch.Tensor,
-        text_context: torch.Tensor | None = None,
+        text_context: tuple[torch.Tensor, torch.Tensor] | None = None,
         crop_pixel_values: torch.Tensor | None = None,
         crop_grids: list[tuple[int, int]] | None = None,
         image_sizes: list[tuple[int, int]] | None = None,
+        connector_options: Mapping[str, Any] | None = None,
     ) -> ConnectorOutput:
         """``[n_img, 3, H, W]`` (a mixture's: ``[n_img, Σ 3·Hᵢ·Wᵢ]``), optional high-resolution crops and each image's
-        original ``(width, height)`` → connector output with ``tokens [n_img, N, D]`` (``[Σ Nᵢ, D]`` when dynamic)."""
+        original ``(width, height)`` → connector output with ``tokens [n_img, N, D]`` (``[Σ Nᵢ, D]`` when dynamic).
+        ``text_context``: each image's instruction embeddings and mask (``[n_img, L, D]``, ``[n_img, L]``) for a
+        connector that reads it; ``connector_options``: per-call connector arguments (a Matryoshka ``scale``)."""
         if crop_pixel_values is None:
             features = self.encoder.features(pixel_values)
         elif not self.connector.crop_candidates():
@@ -205,121 +201,129 @@ class MLLM(nn.Module):
         if image_sizes is not None:
             for f in features:
                 f.image_sizes = [tuple(size) for size in image_sizes]
-        return self.connector(features, text_context=text_context)
+        options = dict(connector_options or {})
+        try:
+            return self.connector(features, text_context=text_context, **options)
+        except TypeError as err:
+            if options and "unexpected keyword" in str(err):
+                raise ConfigError(f"connector {type(self.connector).__name__} takes no per-call option(s) {sorted(options)}: "
+                                  f"{err}") from None
+            raise
 
-    def embed_inputs(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None,
-        num_image_tokens: int | None = None,
-        crop_pixel_values: torch.Tensor | None = None,
-        crop_grids: list[tuple[int, int]] | None = None,
-        instruction: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-        image_sizes: list[tuple[int, int]] | None = None,
-        images_per_sample: list[int] | None = None,
-        segments: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, ConnectorOutput | None]:
-        """Input embeddings ``[B, T, D]`` with visual tokens at image positions.
+    def embed_inputs(self, batch: Batch, connector_options: Mapping[str, Any] | None = None,
+                     generating: bool = False) -> tuple[torch.Tensor, ForwardContext]:
+        """Input embeddings ``[B, T, D]`` with visual tokens at the image positions, and the call's context.
 
-        When the connector returns ``injections`` (DeepStack) or ``rewrites`` (Cambrian's re-aggregation), they are armed
-        on the LLM for the next forward.
-        Modules that read each sample's instruction (see :meth:`record_transform`) get the embeddings of
-        ``instruction = (ids [B, L], mask [B, L] or None)``, or, when it is an ``[B, T]`` mask alone (no ids), the
-        embeddings of ``input_ids`` where it is set, image positions excluded. A connector that reads it (MoVA's gate)
-        gets the same rows repeated per image (``images_per_sample``, default one image per sample). Packed rows
-        (``segments`` ``[B, T]``, :class:`~mllm_kit.batch.Batch`) need the instruction ids, one row per sample.
+        The context carries what layer steps read (:class:`~mllm_kit.context.ForwardContext`), the connector's output,
+        and, when a module reads it (a LoRA-MoE instance gate, MoVA's gate), each sample's instruction embeddings: of
+        ``batch.instruction_ids`` (one row per sample), else of the prompt before the first answer (image positions
+        excluded). Packed rows need the instruction ids.
         """
+        input_ids = batch.input_ids
         embeds = self.llm.embed(input_ids)
-        self.llm.injector.clear()
-        if self._context_modules or self._connector_reads_context:
-            ids, mask = instruction if instruction is not None else (None, None)
-            if segments is not None and ids is None:
-                raise ConfigError("packed rows hold several samples, so an instance-level gate needs each sample's "
-                                  "instruction_ids (the dataset adds them for a model that reads the instruction).")
-            if ids is not None:
-                text = self.llm.embed(ids)
-                mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-            else:
-                text = embeds
-                mask = (input_ids != self.image_token_id) & (True if mask is None else mask.bool())
-            for module in self._context_modules:  # a module takes segments only when it must gate packed rows
-                if segments is None:
-                    module.set_context(text, mask)
-                else:
-                    module.set_context(text, mask, segments)
-            if self._connector_reads_context and pixel_values is not None and pixel_values.shape[0]:
-                counts = images_per_sample if images_per_sample is not None else [1] * text.shape[0]
-                if len(counts) != text.shape[0] or sum(counts) != pixel_values.shape[0]:
-                    raise ConfigError(f"the connector reads each image's instruction, but images_per_sample {list(counts)} does "
-                                      f"not fit {text.shape[0]} samples with {pixel_values.shape[0]} images.")
-                per_image = torch.tensor(counts, device=text.device)
-                self.connector.set_context(text.repeat_interleave(per_image, dim=0, output_size=sum(counts)),
-                                           mask.repeat_interleave(per_image, dim=0, output_size=sum(counts)))
+        instruction = self._instruction(batch, embeds) if self.reads_instruction else None
+        image_mask = input_ids == self.image_token_id
+        pixel_values = batch.pixel_values
+        visual = None
         if pixel_values is None or pixel_values.shape[0] == 0:
-            if num_image_tokens:
-                raise ImageTokenMismatch(f"batch has {num_image_tokens} image-token positions but no images.")
+            if batch.num_image_tokens:
+                raise ImageTokenMismatch(f"batch has {batch.num_image_tokens} image-token positions but no images.")
             if self.training:
                 embeds = embeds + 0.0 * self._dummy_visual_sum(embeds)
-            return embeds, None
-        out = self.encode_images(pixel_values, crop_pixel_values=crop_pixel_values, crop_grids=crop_grids, image_sizes=image_sizes)
-        tokens = out.tokens
-        mask = input_ids == self.image_token_id
-        positions = num_image_tokens if num_image_tokens is not None else int(mask.sum())
-        produced = tokens.shape[0] * tokens.shape[1] if tokens.dim() == 3 else tokens.shape[0]
-        if positions != produced:
-            made = f"{tokens.shape[0]} images × {tokens.shape[1]} tokens = {produced}" if tokens.dim() == 3 else f"{produced} tokens"
-            expected = ("model.tokens_per_image(image_size) ids (the count depends on each image's size)" if self.connector.dynamic_tokens
-                        else f"model.tokens_per_image() = {self.tokens_per_image()} ids")
-            raise ImageTokenMismatch(
-                f"the batch has {positions} image-token positions but the connector produced {made}. Expand each <image> "
-                f"to {expected} in the data pipeline, and never truncate inside an image span."
-            )
-        embeds = embeds.masked_scatter(mask.unsqueeze(-1), tokens.to(embeds.dtype))
-        if out.injections or out.rewrites:
-            self.llm.injector.arm(out.injections, mask, positions, out.rewrites)
-        return embeds, out
+        else:
+            text_context = None
+            if instruction is not None and getattr(self.connector, "reads_instruction", False):
+                text_context = _per_image(instruction, batch.images_per_sample or [1] * len(batch), pixel_values.shape[0])
+            visual = self.encode_images(pixel_values, text_context, batch.crop_pixel_values, batch.crop_grids or None,
+                                        batch.image_sizes or None, connector_options)
+            tokens = visual.tokens
+            positions = batch.num_image_tokens if batch.num_image_tokens is not None else int(image_mask.sum())
+            produced = tokens.shape[0] * tokens.shape[1] if tokens.dim() == 3 else tokens.shape[0]
+            if positions != produced:
+                made = f"{tokens.shape[0]} images × {tokens.shape[1]} tokens = {produced}" if tokens.dim() == 3 else f"{produced} tokens"
+                expected = ("model.tokens_per_image(image_size) ids (the count depends on each image's size)" if self.connector.dynamic_tokens
+                            else f"model.tokens_per_image() = {self.tokens_per_image()} ids")
+                raise ImageTokenMismatch(
+                    f"the batch has {positions} image-token positions but the connector produced {made}. Expand each <image> "
+                    f"to {expected} in the data pipeline, and never truncate inside an image span."
+                )
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), tokens.to(embeds.dtype))
+        ctx = ForwardContext(
+            input_ids=input_ids, image_mask=image_mask, tokens_per_image=self._tokens_per_image(batch, visual),
+            images_per_sample=tuple(batch.images_per_sample or ([1] * len(batch) if batch.num_images else [0] * len(batch))),
+            attention_mask=batch.attention_mask, position_ids=batch.position_ids, segments=batch.segments,
+            seq_lens=tuple(tuple(r) for r in batch.seq_lens) if batch.seq_lens is not None else None,
+            row_lengths=tuple(batch.row_lengths) if batch.row_lengths is not None else None,
+            instruction_mask=batch.prompt_mask(), labels=batch.labels, num_answer_spans=batch.num_answer_spans,
+            instruction=instruction, visual=visual, generating=generating)
+        return embeds, ctx
+
+    def layer_steps(self, ctx: ForwardContext) -> list[LayerStep]:
+        """What this call does inside the LLM: the connector's steps (DeepStack injections, SVA rewrites), the stage
+        transforms' (gates) and the token-efficiency method's (drops)."""
+        steps = list(ctx.visual.steps) if ctx.visual is not None else []
+        for source in self._step_sources:
+            steps.extend(source.layer_steps(ctx))
+        if self.efficiency is not None and ctx.num_images:
+            steps.extend(self.efficiency.layer_steps(ctx))
+        return steps
+
+    def _tokens_per_image(self, batch: Batch, visual: ConnectorOutput | None) -> tuple[int, ...]:
+        if visual is None:
+            return ()
+        n = batch.num_images
+        if self.connector.dynamic_tokens:
+            return tuple(self.tokens_per_image(tuple(size)) for size in batch.image_sizes)
+        return (visual.tokens.shape[1],) * n
+
+    def _instruction(self, batch: Batch, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embeddings [S, L, D], mask [S, L])`` of each sample's instruction (see :meth:`embed_inputs`)."""
+        if batch.instruction_ids is not None:
+            ids = batch.instruction_ids
+            mask = batch.instruction_mask.bool() if batch.instruction_mask is not None else torch.ones_like(ids, dtype=torch.bool)
+            return self.llm.embed(ids), mask
+        if batch.segments is not None:
+            raise ConfigError("packed rows hold several samples, so an instance-level gate needs each sample's "
+                              "instruction_ids (the dataset adds them for a model that reads the instruction).")
+        mask = batch.prompt_mask()
+        if mask is None:
+            mask = batch.attention_mask.bool() if batch.attention_mask is not None else torch.ones_like(batch.input_ids, dtype=torch.bool)
+        return embeds, mask & (batch.input_ids != self.image_token_id)
 
     def _dummy_visual_sum(self, like: torch.Tensor) -> torch.Tensor:
         # Text-only batches still run the vision path so that every rank calls the same sharded
         # modules under FSDP/ZeRO-3 (anchors.md §9.5); the result is multiplied by zero.
-        if self._connector_reads_context:
-            self.connector.set_context(like[:1], torch.ones(like[:1].shape[:2], dtype=torch.bool, device=like.device))
-        out = self.encode_images(self.encoder.dummy_pixels(like.device))
+        context = None
+        if getattr(self.connector, "reads_instruction", False):
+            context = (like[:1], torch.ones(like[:1].shape[:2], dtype=torch.bool, device=like.device))
+        out = self.encode_images(self.encoder.dummy_pixels(like.device), context)
         total = out.tokens.sum()
-        for rewrite in (out.rewrites or {}).values():  # Cambrian's re-aggregators, with the tokens standing in as queries
-            total = total + rewrite(out.tokens.reshape(-1, out.tokens.shape[-1])).sum()
+        for step in out.steps:  # Cambrian's re-aggregators, with the tokens standing in as queries
+            fn = getattr(step, "fn", None)
+            if fn is not None:
+                total = total + fn(out.tokens.reshape(-1, out.tokens.shape[-1])).sum()
         return total.to(like.dtype)
 
-    def forward(self, batch: Batch, output_hidden_states: bool = False) -> MLLMOutput:
-        embeds, visual = self.embed_inputs(batch.input_ids, batch.pixel_values, batch.num_image_tokens,
-                                           batch.crop_pixel_values, batch.crop_grids, _instruction(batch),
-                                           batch.image_sizes or None, batch.images_per_sample or None, batch.segments)
-        out = self.llm.decode(embeds, batch.attention_mask, batch.position_ids, output_hidden_states=output_hidden_states)
-        aux = dict(visual.aux_losses) if visual is not None else {}
-        metrics = self._collect_llm_aux(aux)
-        for name, value in getattr(self.connector, "metrics", {}).items():  # e.g. MoVA's per-expert gate weights
-            metrics.update({f"{name}_e{i}": v for i, v in enumerate(value.unbind())} if value.dim() else {name: value})
+    def forward(self, batch: Batch, output_hidden_states: bool = False,
+                connector_options: Mapping[str, Any] | None = None) -> MLLMOutput:
+        """One forward: embed (encoder → connector → visual tokens), then the decoder with this call's layer steps.
+        ``connector_options``: per-call connector arguments (an objective's pass, e.g. ``{"scale": 36}``)."""
+        reports = Reports()
+        with bound(self._reporters, report=reports.add):
+            embeds, ctx = self.embed_inputs(batch, connector_options)
+            steps = self.layer_steps(ctx)
+            out = self.llm.decode(embeds, ctx, steps, output_hidden_states=output_hidden_states)
+        aux = dict(ctx.visual.aux_losses) if ctx.visual is not None else {}
+        metrics = {}
+        for name, value in (ctx.visual.metrics if ctx.visual is not None else {}).items():  # e.g. MoVA's gate weights
+            metrics.update(expert_metrics(name, value))
+        for step in steps:
+            reports.add(step.aux_losses, step.metrics)
+        add_aux(aux, reports.aux_losses)
+        for name, value in reports.mean_metrics().items():
+            metrics.update(expert_metrics(f"llm_{name}", value))
         return MLLMOutput(hidden=out.last_hidden_state, head=self.llm.head, aux_losses=aux,
                           hidden_states=out.hidden_states if output_hidden_states else None, metrics=metrics)
-
-    def _collect_llm_aux(self, aux: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Sum the aux losses of modules that transforms added over layers (as MoE-LLaVA does) and average their
-        statistics for logging; a statistic with one value per expert is logged as ``llm_<name>_e<i>``."""
-        if not self._aux_modules:
-            return {}
-        stats: dict[str, list[torch.Tensor]] = {}
-        for module in self._aux_modules:
-            add_aux(aux, module.aux_losses)
-            for name, value in getattr(module, "metrics", {}).items():
-                stats.setdefault(name, []).append(value)
-        metrics: dict[str, torch.Tensor] = {}
-        for name, values in stats.items():
-            mean = torch.stack(values).mean(dim=0)
-            if mean.dim() == 0:
-                metrics[f"llm_{name}"] = mean
-            else:
-                metrics.update({f"llm_{name}_e{i}": v for i, v in enumerate(mean.unbind())})
-        return metrics
 
     @torch.no_grad()
     def generate(
@@ -335,35 +339,51 @@ class MLLM(nn.Module):
         instruction_mask: torch.Tensor | None = None,
         image_sizes: list[tuple[int, int]] | None = None,
         images_per_sample: list[int] | None = None,
+        row_lengths: list[int] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Greedy (by default) generation with a KV cache; prompts must be left-padded. Returns ``[B, new]`` ids.
 
-        Injections (DeepStack) apply to the prefill pass only; decode steps reuse the cached keys and values.
-        ``instruction_ids``/``instruction_mask`` ``[B, L]`` feed an instance-level gate (LoRA-MoE) as in training
-        (datasets supply them); without them it reads the whole prompt.
+        The call's layer steps act in the prefill pass (injections, rewrites and drops touch the prompt); decode passes
+        run on the KV cache the prefill wrote (after a drop: the kept tokens' keys only). ``instruction_ids`` /
+        ``instruction_mask`` ``[B, L]`` feed an instance-level gate (LoRA-MoE) as in training (datasets supply them);
+        without them it reads the whole prompt. ``row_lengths``: each prompt's length (host; lets a token drop leave the
+        padding out of the later layers).
         """
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
             raise ConfigError("generate() needs left-padded prompts (collate with padding_side='left').")
-        # Without instruction ids an instance-level gate reads the whole prompt.
-        instruction = (instruction_ids, instruction_mask) if instruction_ids is not None else (None, attention_mask)
-        embeds, _ = self.embed_inputs(input_ids, pixel_values, crop_pixel_values=crop_pixel_values, crop_grids=crop_grids,
-                                      instruction=instruction, image_sizes=image_sizes, images_per_sample=images_per_sample)
-        tok = self.llm.tokenizer
-        eos = stop_token_ids or [tok.eos_token_id]
-        kwargs.setdefault("do_sample", False)
-        self.llm.injector.once = True
-        try:
-            return self.llm.model.generate(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos,
-                pad_token_id=tok.pad_token_id,
-                **kwargs,
-            )
-        finally:
-            self.llm.injector.clear()
+        n = 0 if pixel_values is None else pixel_values.shape[0]
+        batch = Batch(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                      images_per_sample=list(images_per_sample) if images_per_sample is not None else ([1] * len(input_ids) if n else []),
+                      num_image_tokens=None, crop_pixel_values=crop_pixel_values, crop_grids=list(crop_grids or []),
+                      image_sizes=list(image_sizes or []), instruction_ids=instruction_ids, instruction_mask=instruction_mask,
+                      row_lengths=list(row_lengths) if row_lengths is not None else None)
+        reports = Reports()
+        with bound(self._reporters, report=reports.add):
+            embeds, ctx = self.embed_inputs(batch, generating=True)
+            steps = self.layer_steps(ctx)
+            if kwargs.get("num_beams", 1) > 1 and any(s.layer >= 0 for s in steps):
+                raise ConfigError("beam search reorders the KV cache, which the call's layer steps (injections, token "
+                                  "dropping) do not follow; use num_beams=1.")
+            tok = self.llm.tokenizer
+            kwargs.setdefault("do_sample", False)
+            with self.llm.stepping(ctx, steps):
+                return self.llm.model.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                               eos_token_id=stop_token_ids or [tok.eos_token_id], pad_token_id=tok.pad_token_id,
+                                               **kwargs)
+
+
+def _per_image(instruction: tuple[torch.Tensor, torch.Tensor], images_per_sample: Sequence[int],
+               num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's instruction rows repeated once per image of that sample (a connector gates per image)."""
+    text, mask = instruction
+    counts = list(images_per_sample)
+    if len(counts) != text.shape[0] or sum(counts) != num_images:
+        raise ConfigError(f"the connector reads each image's instruction, but images_per_sample {counts} does not fit "
+                          f"{text.shape[0]} samples with {num_images} images.")
+    per_image = torch.tensor(counts, device=text.device)
+    return (text.repeat_interleave(per_image, dim=0, output_size=num_images),
+            mask.repeat_interleave(per_image, dim=0, output_size=num_images))
 
 
 def _registered(registry: Registry[Any], spec: Any, group: str) -> Any:
@@ -371,10 +391,3 @@ def _registered(registry: Registry[Any], spec: Any, group: str) -> Any:
         raise ConfigError(f"{registry.kind} {spec!r} is not a registered name; if it is a preset, resolve it first: "
                           f"mllm_kit.config.resolve_component({group!r}, {spec!r}) (or resolve_model for all three parts).")
     return spec
-
-
-def _instruction(batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """What an instance-level gate reads: the batch's instruction ids, else its prompt before the first answer."""
-    if batch.instruction_ids is not None:
-        return batch.instruction_ids, batch.instruction_mask
-    return None, batch.prompt_mask()

@@ -36,7 +36,7 @@ NAME_KEY = "name"
 ENTRY_POINT_GROUP = "mllm_kit.components"
 # Where built-in components live; every module in these packages is imported on the first registry read.
 COMPONENT_PACKAGES = ("mllm_kit.encoders", "mllm_kit.connectors", "mllm_kit.llm", "mllm_kit.objectives", "mllm_kit.data.templates",
-                      "mllm_kit.evaluation.benches")
+                      "mllm_kit.evaluation.benches", "mllm_kit.efficiency")
 
 _discovered = False
 _origin: str | None = None  # set while an entry point loads, so its components say which plugin they came from
@@ -209,6 +209,7 @@ OBJECTIVES: Registry[Any] = Registry("objective")
 TRANSFORMS: Registry[Any] = Registry("transform")
 TEMPLATES: Registry[Any] = Registry("template")
 BENCHES: Registry[Any] = Registry("bench")
+EFFICIENCY: Registry[Any] = Registry("efficiency method")
 
 register_encoder = ENCODERS.register
 register_connector = CONNECTORS.register
@@ -217,6 +218,7 @@ register_objective = OBJECTIVES.register
 register_transform = TRANSFORMS.register
 register_template = TEMPLATES.register
 register_bench = BENCHES.register
+register_efficiency = EFFICIENCY.register
 
 REGISTRIES: dict[str, Registry[Any]] = {
     "encoders": ENCODERS,
@@ -226,4 +228,5 @@ REGISTRIES: dict[str, Registry[Any]] = {
     "transforms": TRANSFORMS,
     "templates": TEMPLATES,
     "benches": BENCHES,
+    "efficiency": EFFICIENCY,
 }

@@ -48,7 +48,8 @@ def save_mllm(model: MLLM, directory: str | Path) -> Path:
         for part in ("encoder", "llm"):  # paths inside the saved directory are stored relative to it
             specs[part]["path"] = part
         tokens = None if model.connector.dynamic_tokens else model.tokens_per_image()
-        meta = {"format": 1, "tokens_per_image": tokens, "transforms": model.transforms, **specs}
+        efficiency = getattr(model.efficiency, "build_spec", None)
+        meta = {"format": 1, "tokens_per_image": tokens, "transforms": model.transforms, "efficiency": efficiency, **specs}
         (tmp / MLLM_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
     return Path(directory)
 
@@ -72,6 +73,7 @@ def load_mllm(cls: type[MLLM], directory: str | Path, connector: Mapping[str, An
     transforms = meta.get("transforms", [])
     for spec in transforms:
         TRANSFORMS.build(spec)(model)
+    model.set_efficiency(meta.get("efficiency"), f"{config_file}: efficiency")
     if transforms:
         missing, unexpected = load_model(model, str(directory / TRANSFORMED_WEIGHTS), strict=False)
         if missing or unexpected:

@@ -52,6 +52,29 @@ def test_eval_and_report(llava15_smoke, capsys):
     assert (llava15_smoke / "report.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_eval_and_predict_take_an_efficiency_method(llava15_smoke, tmp_path, capsys):
+    """``model.efficiency...`` overrides of eval, eval --bench and predict on a run trained without one (docs/efficiency.md)."""
+    args = ["eval", "--run", str(llava15_smoke), "data.eval=synthetic:eval", "model.efficiency=fastv", "model.efficiency.layer=1"]
+    assert main(args) == 0
+    result = json.loads(next(llava15_smoke.glob("eval-*model.efficiency.layer=1*.json")).read_text())
+    assert result["overrides"]["efficiency"] == {"method": "fastv", "layer": 1}
+    assert main(["eval", "--run", str(llava15_smoke), "data.eval=synthetic:eval", "model.efficiency.layer=1"]) == 2
+    assert "uses no efficiency method whose options could change" in capsys.readouterr().err
+    assert main(["eval", "--run", str(llava15_smoke), "data.eval=synthetic:eval", "model.efficiency=fastv", "model.efficiency.layer=9"]) == 2
+    assert "model.efficiency: drops tokens from LLM layer 9, but the LLM has 2 decoder layers" in capsys.readouterr().err
+    assert main(["eval", "--run", str(llava15_smoke), "--bench", "synthetic=synthetic:eval", "--limit", "4", "--out", str(tmp_path / "b"),
+                 "model.efficiency=pdrop"]) == 0
+    config = json.loads(next((tmp_path / "b").glob("*_results.json")).read_text())["config"]
+    assert config["efficiency"]["name"] == "pdrop" and config["timing"]["prompts"] == 4
+    assert "prefill" in capsys.readouterr().out
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "text": "What color?"}) + "\n")
+    out = tmp_path / "answers.jsonl"
+    assert main(["predict", "--run", str(llava15_smoke), "--data", str(questions), "--out", str(out), "--max-new-tokens", "2",
+                 "model.efficiency=fastv", "model.efficiency.layer=1"]) == 0
+    assert json.loads(out.read_text())["id"] == "1"
+
+
 def test_existing_run_needs_resume(llava15_smoke, capsys):
     assert main(["fit", "--recipe", "llava15", "--smoke", "--run-dir", str(llava15_smoke)]) == 2
     assert "pass --resume" in capsys.readouterr().err
@@ -94,6 +117,8 @@ def test_zoo_recipe_runs_with_smoke(recipe, tmp_path):
         assert spec["connector"]["name"] == "qformer" and spec["encoder"]["select_feature"] == "cls_patch"
     if recipe in ("eagle", "prismatic_dinosiglip", "cambrian", "mova", "comm"):
         assert spec["encoder"]["name"] == "mixture" and len(spec["encoder"]["order"]) >= 2
+    if recipe == "pdrop":  # trained with PyramidDrop, and kept for inference (on the tiny LLM's layers)
+        assert spec["efficiency"]["name"] == "pdrop" and spec["efficiency"]["ratios"] == [0.5, 0.25, 0.125]
     if recipe == "eagle":  # the pre-aligned member's weights reached the joint stage
         import torch
 

@@ -444,7 +444,7 @@ def test_embed_inputs_wrong_number_of_image_positions(model):
     n = model.tokens_per_image()
     ids = torch.cat([torch.tensor([[20, 21]]), torch.full((1, n - 1), model.image_token_id)], dim=1)
     with pytest.raises(ImageTokenMismatch) as info:
-        model.embed_inputs(ids, torch.zeros(1, 3, 32, 32))
+        model.embed_inputs(Batch(input_ids=ids, pixel_values=torch.zeros(1, 3, 32, 32)))
     msg = str(info.value)
     assert f"{n - 1} image-token positions" in msg and f"1 images × {n} tokens = {n}" in msg
     assert f"tokens_per_image() = {n}" in msg
@@ -454,12 +454,12 @@ def test_embed_inputs_declared_count_is_checked(model):
     n = model.tokens_per_image()
     ids = torch.full((1, n), model.image_token_id)
     with pytest.raises(ImageTokenMismatch, match="tokens_per_image"):
-        model.embed_inputs(ids, torch.zeros(1, 3, 32, 32), num_image_tokens=n + 1)
+        model.embed_inputs(Batch(input_ids=ids, pixel_values=torch.zeros(1, 3, 32, 32), num_image_tokens=n + 1))
 
 
 def test_embed_inputs_image_tokens_without_images(model):
     with pytest.raises(ImageTokenMismatch, match="has 16 image-token positions but no images"):
-        model.embed_inputs(torch.full((1, 16), model.image_token_id), None, num_image_tokens=16)
+        model.embed_inputs(Batch(input_ids=torch.full((1, 16), model.image_token_id), num_image_tokens=16))
 
 
 def test_visual_tokens_written_exactly_at_image_positions(model, model_dataset):
@@ -468,12 +468,12 @@ def test_visual_tokens_written_exactly_at_image_positions(model, model_dataset):
     handle = model.connector.register_forward_hook(lambda mod, args, out: captured.append(out.tokens.detach().clone()))
     try:
         with torch.no_grad():
-            embeds, visual = model.embed_inputs(batch.input_ids, batch.pixel_values, batch.num_image_tokens)
+            embeds, ctx = model.embed_inputs(batch)
             plain = model.llm.embed(batch.input_ids)
     finally:
         handle.remove()
     assert len(captured) == 1 and captured[0].shape == (3, model.tokens_per_image(), model.llm.hidden_size)
-    torch.testing.assert_close(visual.tokens, captured[0])
+    torch.testing.assert_close(ctx.visual.tokens, captured[0])
     mask = batch.input_ids == model.image_token_id
     assert torch.equal(embeds[mask], captured[0].reshape(-1, captured[0].shape[-1]))
     assert torch.equal(embeds[~mask], plain[~mask])
@@ -486,7 +486,7 @@ def test_images_land_in_their_own_spans(model, model_dataset):
     colours = {"blue": BLUE, "green": GREEN, "red": RED}
     expected_rows = [["blue", "green"], ["red"]]
     with torch.no_grad():
-        embeds, _ = model.embed_inputs(batch.input_ids, batch.pixel_values, batch.num_image_tokens)
+        embeds, _ = model.embed_inputs(batch)
         single = {name: model.encode_images(t(Image.new("RGB", (20, 20), rgb))[None]).tokens[0] for name, rgb in colours.items()}
     assert not torch.allclose(single["blue"], single["green"], atol=1e-3), "test setup: colours must give different tokens"
     for row, names in enumerate(expected_rows):

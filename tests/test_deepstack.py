@@ -104,19 +104,17 @@ def _inputs(model, pad_last: int = 2):
 def test_stacks_are_added_exactly_at_the_image_positions_of_their_layers(model):
     batch = _inputs(model)
     layers = model.llm.decoder_layers
-    model(batch)  # arms the injector once, so that its hooks exist before ours
     before, after = {}, {}
     handles = []
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(layers):  # a layer's input before every hook, and what its first sublayer reads
         handles.append(layer.register_forward_pre_hook(lambda m, a, k, i=i: before.__setitem__(i, (a[0] if a else k["hidden_states"]).clone()),
                                                        with_kwargs=True, prepend=True))
-        handles.append(layer.register_forward_pre_hook(lambda m, a, k, i=i: after.__setitem__(i, (a[0] if a else k["hidden_states"]).clone()),
-                                                       with_kwargs=True))
+        handles.append(layer.input_layernorm.register_forward_pre_hook(lambda m, a, i=i: after.__setitem__(i, a[0].clone())))
     try:
         with torch.no_grad():
             model(batch)
-            expected = model.encode_images(batch.pixel_values, crop_pixel_values=batch.crop_pixel_values,
-                                           crop_grids=batch.crop_grids).injections
+            out = model.encode_images(batch.pixel_values, crop_pixel_values=batch.crop_pixel_values, crop_grids=batch.crop_grids)
+            expected = {s.layer: s.values for s in out.steps}
     finally:
         for h in handles:
             h.remove()
@@ -140,7 +138,7 @@ def test_cached_generation_equals_decoding_without_a_cache(model):
     images = dict(pixel_values=torch.randn(2, 3, 32, 32, generator=g), crop_pixel_values=torch.randn(4, 3, 32, 32, generator=g),
                   crop_grids=[(1, 2), (2, 1)])
     generated = model.generate(ids, torch.ones_like(ids), max_new_tokens=6, stop_token_ids=[-1], **images)
-    assert model.llm.injector.armed == []  # nothing left armed after generation
+    assert not any(layer._forward_pre_hooks for layer in model.llm.decoder_layers)  # nothing left hooked after generation
     seq = ids
     with torch.no_grad():
         for _ in range(6):  # prefill-then-decode without a cache: the whole sequence, injected, every step
@@ -187,14 +185,12 @@ def test_deepstack_v_adds_crop_stacks_to_global_patch_tokens_inside_the_encoder(
     assert model.tokens_per_image() == 16 and model.connector.num_crops == 2
     g = torch.Generator().manual_seed(3)
     pixels, crops, grids = torch.randn(2, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g), [(1, 2), (2, 1)]
-    model.encode_images(pixels, crop_pixel_values=crops, crop_grids=grids)  # attaches the encoder hooks
     blocks = model.encoder.blocks
     before, after, handles = {}, {}, []
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(blocks):  # a block's input before every hook, and what its first sublayer reads
         handles.append(block.register_forward_pre_hook(lambda m, a, k, i=i: before.__setitem__(i, (a[0] if a else k["hidden_states"]).clone()),
                                                        with_kwargs=True, prepend=True))
-        handles.append(block.register_forward_pre_hook(lambda m, a, k, i=i: after.__setitem__(i, (a[0] if a else k["hidden_states"]).clone()),
-                                                       with_kwargs=True))
+        handles.append(block.layer_norm1.register_forward_pre_hook(lambda m, a, i=i: after.__setitem__(i, a[0].clone())))
     try:
         with torch.no_grad():
             out = model.encode_images(pixels, crop_pixel_values=crops, crop_grids=grids)
@@ -211,7 +207,8 @@ def test_deepstack_v_adds_crop_stacks_to_global_patch_tokens_inside_the_encoder(
             continue
         assert delta[2:].abs().max() == 0 and delta[:2, 0].abs().max() == 0  # crops and CLS untouched
         torch.testing.assert_close(delta[:2, 1:], stacks[:, i - 1])
-    assert out.tokens.shape == (2, 16, model.llm.hidden_size) and out.injections is None
+    assert out.tokens.shape == (2, 16, model.llm.hidden_size) and out.steps == ()
+    assert not any(block._forward_pre_hooks for block in blocks)  # the stacking hooks lived for that pass only
     plain = model.connector.inner([model.encoder(pixels)]).tokens
     assert (plain - out.tokens).abs().max() > 1e-4  # the stacks changed what the LLM sees
     with pytest.raises(ConfigError, match="encoder has 4 blocks"):

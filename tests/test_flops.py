@@ -1,12 +1,8 @@
 """Closed-form FLOPs (mllm_kit.flops) against torch's FlopCounterMode on tiny models, the peak table and the perf callback.
 
 FlopCounterMode counts what runs: every matmul, convolution and attention kernel of a forward + backward, recomputed
-blocks included — so it is compared with ``hardware_flops``. On CPU, SDPA runs ``_scaled_dot_product_flash_attention_
-for_cpu``, which torch's table does not know; ``CPU_SDPA`` counts it as the CUDA kernels are counted (4·B·H·Tq·Tk·d
-forward) and its backward as the gradient products, 2× the forward — the convention of mllm_kit.flops (torch's own
-backward formula for the CUDA kernels adds the kernel's recomputation of the scores, 2.5×). Its convolution backward
-counts a grouped convolution's weight gradient as a dense one; ``_conv_backward`` counts each gradient at the forward's
-multiply-adds, which is exact for any stride, padding and grouping.
+blocks included — so it is compared with ``hardware_flops``; :func:`mllm_kit.flops.measure.measured_flops` counts the
+CPU SDPA kernel and convolution gradients by this package's conventions (its docstring says how).
 
 Packed rows: the dense SDPA path on CPU computes every (query, key) score of a row and masks the cross-sample ones,
 while mllm_kit.flops counts Σ nᵢ² (what varlen flash attention computes). A packed batch is therefore compared with
@@ -21,7 +17,6 @@ import dataclasses
 import pytest
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_flop_count
 
 from mllm_kit import MLLM
 from mllm_kit.batch import IGNORE_INDEX, Batch
@@ -43,42 +38,20 @@ from mllm_kit.flops import (
     register_connector_flops,
     step_flops,
 )
+from mllm_kit.flops.measure import measured_flops
 from mllm_kit.flops.tally import linear
 from mllm_kit.objectives.head import head_cross_entropy
 from mllm_kit.objectives.lm import LMObjective
 from mllm_kit.registry import CONNECTORS, ENCODERS, TRANSFORMS
 from mllm_kit.tiny import tiny_encoder_spec, tiny_llm_spec
 
-ATEN = torch.ops.aten
 # Every closed form equals the counter's total on these models: the relative tolerance only absorbs float rounding
 # (docs/performance.md states the same bound).
 EXACT = 1e-9
 
 
-def _sdpa(query, key, value, *args, out_shape=None, **kwargs):
-    return sdpa_flop_count(query, key, value)
-
-
-def _sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
-    return 2 * sdpa_flop_count(query, key, value)
-
-
-def _conv_backward(grad_out, x, w, bias, stride, padding, dilation, transposed, output_padding, groups, output_mask,
-                   out_shape=None, **kwargs):
-    # torch's formula counts a grouped convolution's weight gradient as if it were dense (a depthwise 3×3 conv's C×
-    # too high); each gradient of a convolution has the forward's multiply-adds.
-    return conv_flop_count(x, w, grad_out, transposed) * (int(output_mask[0]) + int(output_mask[1]))
-
-
-CPU_SDPA = {ATEN._scaled_dot_product_flash_attention_for_cpu: _sdpa,
-            ATEN._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward,
-            ATEN.convolution_backward: _conv_backward}
-
-
 def counted(fn) -> int:
-    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as mode:
-        fn()
-    return mode.get_total_flops()
+    return measured_flops(fn)
 
 
 def close(closed: float, measured: float) -> bool:
@@ -192,12 +165,13 @@ FAMILIES = {
 
 def vision_step(model: MLLM, batch: Batch) -> None:
     """The visual path alone, as the model runs it, with a backward from the visual tokens (and DeepStack's stacks)."""
-    if model._connector_reads_context:
+    context = None
+    if getattr(model.connector, "reads_instruction", False):
         text = model.llm.embed(batch.input_ids)
-        model.connector.set_context(text, torch.ones(text.shape[:2], dtype=torch.bool))
-    out = model.encode_images(batch.pixel_values, crop_pixel_values=batch.crop_pixel_values, crop_grids=batch.crop_grids,
+        context = (text, torch.ones(text.shape[:2], dtype=torch.bool))
+    out = model.encode_images(batch.pixel_values, context, crop_pixel_values=batch.crop_pixel_values, crop_grids=batch.crop_grids,
                               image_sizes=batch.image_sizes or None)
-    loss = out.tokens.sum() + sum(v.sum() for v in (out.injections or {}).values())
+    loss = out.tokens.sum() + sum(s.values.sum() for s in out.steps if hasattr(s, "values"))
     if loss.requires_grad:
         loss.backward()
     model.zero_grad(set_to_none=True)

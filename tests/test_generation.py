@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mllm_kit import MLLM
+from mllm_kit import MLLM, Batch
 from mllm_kit.config import resolve_model
 from mllm_kit.config.recipe import DataSpec
 from mllm_kit.errors import ConfigError, DataError
@@ -91,7 +91,7 @@ def test_loglikelihood_matches_a_manual_forward(generator):
         assert full.input_ids[len(sample.input_ids) : len(sample.input_ids) + len(reply)].tolist() == reply
         ids = full.input_ids[None, : len(sample.input_ids) + len(reply)]
         with torch.no_grad():
-            embeds, _ = generator.model.embed_inputs(ids, full.pixel_values)
+            embeds, _ = generator.model.embed_inputs(Batch(input_ids=ids, pixel_values=full.pixel_values))
             logits = generator.model.llm(inputs_embeds=embeds).logits[0].float()
         logp = torch.log_softmax(logits[len(sample.input_ids) - 1 : -1], -1)
         expected = logp.gather(1, torch.tensor(reply)[:, None]).sum()

@@ -29,7 +29,7 @@ COMPONENT_PACKAGES = ("mllm_kit.encoders", "mllm_kit.connectors", "mllm_kit.llm"
 UPPER_LAYERS = ("mllm_kit.training", "mllm_kit.cli")
 MODEL_CODE = ("mllm_kit.model", "mllm_kit.encoders", "mllm_kit.connectors", "mllm_kit.llm", "mllm_kit.layers",
               "mllm_kit.objectives")
-ROOT_MODULES = {"__init__", "batch", "model", "saving", "registry", "errors", "log", "files", "pretrained", "tiny"}
+ROOT_MODULES = {"__init__", "batch", "context", "model", "saving", "registry", "errors", "log", "files", "pretrained", "tiny"}
 
 
 @cache

@@ -125,6 +125,21 @@ def test_prompt_mask_is_the_prompt_before_the_first_answer():
     assert packed.prompt_mask().tolist() == [[True, False, False, True, True, False, False]]
 
 
+def bound_gates(model, batch):
+    """Run ``model`` on ``batch`` and return the ``[S, E]`` gates its LoRA-MoE layers received for that call."""
+    seen = {}
+
+    def record(module, args, kwargs, output):
+        seen.setdefault("gates", kwargs["gates"])
+
+    handle = model.llm.lora_moe_gate.layers[0].register_forward_hook(record, with_kwargs=True)
+    try:
+        model(batch)
+    finally:
+        handle.remove()
+    return seen["gates"].squeeze(1)
+
+
 def test_instance_gate_reads_only_instruction_tokens_and_matches_the_formula():
     model = _model()
     TRANSFORMS.build({"name": "add_lora_moe", "r": 4, "num_experts": 4, "top_k": 2})(model)
@@ -132,8 +147,7 @@ def test_instance_gate_reads_only_instruction_tokens_and_matches_the_formula():
     assert isinstance(gate, InstructionGate) and gate.weight.shape == (64, 4)
     batch = _batch(model)
     with torch.no_grad():
-        model(batch)
-        gates = gate.gates.squeeze(1).clone()
+        gates = bound_gates(model, batch)
         # by hand: mean of the instruction tokens' embeddings (no image, answer or pad tokens) → W_g → softmax → top-2
         emb = model.llm.embed(batch.input_ids)
         text = [emb[0, [0, 17, 18]], emb[1, [0, 1, 18]]]  # tokens 5, 6, 7 and 10, 11, 12 (16 image positions between)
@@ -145,11 +159,10 @@ def test_instance_gate_reads_only_instruction_tokens_and_matches_the_formula():
         # answers, pixels and padding do not move the gate; an instruction token does
         changed = Batch(**{**batch.__dict__, "input_ids": batch.input_ids.clone(), "pixel_values": batch.pixel_values + 1})
         changed.input_ids[0, -1], changed.input_ids[1, -1] = 30, 31
-        model(changed)
-        assert torch.equal(gate.gates.squeeze(1), gates)
+        assert torch.equal(bound_gates(model, changed), gates)
         changed.input_ids[0, 0] = 40
-        model(changed)
-        assert not torch.equal(gate.gates.squeeze(1)[0], gates[0]) and torch.equal(gate.gates.squeeze(1)[1], gates[1])
+        now = bound_gates(model, changed)
+        assert not torch.equal(now[0], gates[0]) and torch.equal(now[1], gates[1])
 
 
 def test_mixture_output_equals_the_per_expert_sum():
@@ -164,11 +177,12 @@ def test_mixture_output_equals_the_per_expert_sum():
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(2, 3, 6)
-    gate.set_context(torch.randn(2, 4, 6), torch.ones(2, 4, dtype=torch.bool))
-    g = gate.gates.squeeze(1)
+    g = gate(torch.randn(2, 4, 6), torch.ones(2, 4, dtype=torch.bool))  # [2, 3]
     expected = base(x) + sum(
         (g[:, e] if e < 3 else torch.ones(2)).view(2, 1, 1) * 2.0 * (x @ layer.lora_A[e] @ layer.lora_B[e]) for e in range(4))
-    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(layer(x, gates=g.unsqueeze(1)), expected)
+    with pytest.raises(ConfigError, match="without its instance gate"):
+        layer(x)
 
 
 def test_top_k_gate_policies():
@@ -224,9 +238,28 @@ def test_the_data_pipeline_hands_the_gate_the_first_user_message(tmp_path):
     batch = PadCollator(tok.pad_token_id)([data[0], data[1]])
     assert batch.instruction_mask.sum(-1).tolist() == [len(data[0].instruction_ids), len(data[1].instruction_ids)]
     with torch.no_grad():
-        model(batch)
+        gates = bound_gates(model, batch)
         gate = model.llm.lora_moe_gate
         emb = model.llm.embed(batch.instruction_ids[0, : len(data[0].instruction_ids)])
         probs = (emb.mean(0) @ gate.weight).softmax(-1)
         top, idx = probs.topk(2)
-        torch.testing.assert_close(gate.gates[0, 0, idx], top / (top.sum() + 1e-9))
+        torch.testing.assert_close(gates[0, idx], top / (top.sum() + 1e-9))
+
+
+def test_activation_checkpointing_recomputes_lora_moe_layers_with_the_call_s_gates():
+    """The gates reach a LoRA-MoE layer as an argument bound for the call; a checkpointed layer recomputed in backward gets
+    them again (the checkpoint's context_fn), so gradients equal those without checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        model = _model()
+        TRANSFORMS.build({"name": "add_lora_moe", "r": 4, "num_experts": 4, "top_k": 2, "dropout": 0.0})(model)
+        _perturb_adapters(model)
+        model.train()
+        if checkpointing:
+            model.enable_activation_checkpointing()
+        out = model(_batch(model))
+        out.hidden.pow(2).mean().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("lora_moe_gate" in k for k in grads[0])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-6)

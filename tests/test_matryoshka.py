@@ -84,15 +84,14 @@ def test_objective_is_the_mean_of_per_scale_lm_losses_and_trains_every_scale():
     assert conn.scales == (16, 4, 1) and model.tokens_per_image() == 16  # 32 px / 8 px patches = 4×4 grid
     batch = _batch(model)
     parts, _, _ = score(model, MatryoshkaObjective(), batch, None)  # what the trainer runs for each batch
-    assert conn.scale == 16  # the passes restore the data's scale
+    assert conn.scale == 16  # a pass's scale is an argument of its forward; the connector keeps the data's
     lm = LMObjective()
     expected = []
     for s in conn.scales:
-        with model.connector_options(scale=s):
-            shrunk = keep_image_prefix(batch, model.image_token_id, 16, s, model.tokenizer.pad_token_id)
-            assert shrunk.input_ids.shape[1] == batch.input_ids.shape[1] - (16 - s)
-            expected.append(lm(model(shrunk), shrunk, None)["loss"])
-            torch.testing.assert_close(parts[f"lm_loss_{s}"], expected[-1].detach())
+        shrunk = keep_image_prefix(batch, model.image_token_id, 16, s, model.tokenizer.pad_token_id)
+        assert shrunk.input_ids.shape[1] == batch.input_ids.shape[1] - (16 - s)
+        expected.append(lm(model(shrunk, connector_options={"scale": s}), shrunk, None)["loss"])
+        torch.testing.assert_close(parts[f"lm_loss_{s}"], expected[-1].detach())
     torch.testing.assert_close(parts["loss"], torch.stack(expected).mean())
     parts["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in conn.inner.parameters())

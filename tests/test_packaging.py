@@ -148,7 +148,7 @@ class ScaledMLPConnector(MLPConnector):
 
     def forward(self, features, text_context=None) -> ConnectorOutput:
         out = super().forward(features, text_context)
-        return ConnectorOutput(tokens=out.tokens * self.scale, aux_losses=out.aux_losses, injections=out.injections)
+        return ConnectorOutput(tokens=out.tokens * self.scale, aux_losses=out.aux_losses, steps=out.steps)
 '''
 
 

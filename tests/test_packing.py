@@ -116,7 +116,7 @@ def test_a_packed_row_never_attends_to_another_sample():
     samples = _samples(model, False)
     packed = PackCollator(model.tokenizer.pad_token_id, max_length=96, pad_to_max=True)([samples[:3], samples[3:]])
     with torch.no_grad():
-        embeds, _ = model.embed_inputs(packed.input_ids, packed.pixel_values, packed.num_image_tokens)
+        embeds, _ = model.embed_inputs(packed)
         # as MLLM.forward calls it (llm.decode): no cache, which is when transformers reads restarts as boundaries
         out = model.llm.model.get_decoder()(inputs_embeds=embeds, position_ids=packed.position_ids, use_cache=False,
                                             output_attentions=True)

@@ -68,8 +68,8 @@ def test_image_changes_logits(llava_pair):
     n = ours.tokens_per_image()
     ids = torch.cat([torch.full((1, n), image_token_id), torch.randint(10, 300, (1, 5))], dim=1)
     with torch.no_grad():
-        a = ours.llm(inputs_embeds=ours.embed_inputs(ids, torch.randn(1, 3, 32, 32))[0]).logits[:, -1]
-        b = ours.llm(inputs_embeds=ours.embed_inputs(ids, torch.randn(1, 3, 32, 32))[0]).logits[:, -1]
+        a = ours.llm(inputs_embeds=ours.embed_inputs(Batch(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32)))[0]).logits[:, -1]
+        b = ours.llm(inputs_embeds=ours.embed_inputs(Batch(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32)))[0]).logits[:, -1]
     assert (a - b).abs().max() > 1e-4
 
 

@@ -316,8 +316,8 @@ def test_user_target_connector_forward_scales_visual_tokens(plain_and_scaled):
     with torch.no_grad():
         out_plain = plain(batch)
         out_scaled = scaled(batch)
-        emb_plain, _ = plain.embed_inputs(batch.input_ids, batch.pixel_values, batch.num_image_tokens)
-        emb_scaled, _ = scaled.embed_inputs(batch.input_ids, batch.pixel_values, batch.num_image_tokens)
+        emb_plain, _ = plain.embed_inputs(batch)
+        emb_scaled, _ = scaled.embed_inputs(batch)
     assert out_scaled.logits.shape == (2, batch.input_ids.shape[1], vocab)
     mask = batch.input_ids == plain.image_token_id
     torch.testing.assert_close(emb_scaled[mask], 3.0 * emb_plain[mask])

@@ -47,6 +47,11 @@ def train(module, loss_fn, steps=1, lr=0.1):
 SVA_SHAPES = ((2, 2, 16), (8, 8, 24))  # query side 2: a 1-token window and a 4×4 = 16-token window (Cambrian: 24 vs 96)
 
 
+def rewrites(out):
+    """``{layer: fn}`` of a connector output's rewrite steps."""
+    return {step.layer: step.fn for step in out.steps}
+
+
 def sva(**options):
     torch.manual_seed(0)
     spec = {"name": "sva", "query_side": 2, "hidden": 32, "num_layers": 2, "heads": 2, **options}
@@ -114,18 +119,18 @@ def test_reaggregation_rewrites_read_their_own_forward_s_windows():
     assert sorted(conn.reaggregators.keys()) == ["0", "3"] and conn.reaggregators["0"].proj_in.in_features == D + 32
     hidden = torch.randn(2 * 4, D)
     base, fine = feats(*SVA_SHAPES)
-    first = conn([base, fine]).rewrites
+    first = rewrites(conn([base, fine]))
     assert sorted(first) == [0, 3] and conn(feats(*SVA_SHAPES)).tokens.shape == (2, 4, D)
     a = first[3](hidden)
     assert a.shape == (8, D) and not torch.allclose(a, hidden)
     changed = fine.selected.clone().view(2, 8, 8, 24)
     changed[:, :4, 4:] += 3.0  # the window under cell (0, 1)
-    b = conn([base, with_map(fine, changed.view(2, 64, 24))]).rewrites[3](hidden)
+    b = rewrites(conn([base, with_map(fine, changed.view(2, 64, 24))]))[3](hidden)
     assert ((b - a).view(2, 4, D).abs().amax(dim=(0, 2)) > 1e-6).tolist() == [False, True, False, False]
     torch.testing.assert_close(first[3](hidden), a, rtol=0, atol=0)  # a later forward leaves earlier rewrites alone
     with pytest.raises(ConfigError, match=r"\[8, 40\]"):
         first[0](hidden[:7])
-    assert sva()(feats(*SVA_SHAPES)).rewrites is None
+    assert sva()(feats(*SVA_SHAPES)).steps == ()
 
 
 def test_sva_trains_every_parameter():
@@ -134,7 +139,7 @@ def test_sva_trains_every_parameter():
 
     def loss():
         out = conn(features)
-        return out.rewrites[0](out.tokens.reshape(-1, D)).pow(2).mean()
+        return rewrites(out)[0](out.tokens.reshape(-1, D)).pow(2).mean()
 
     train(conn, loss, steps=2, lr=1e-2)
     assert [name for name, p in conn.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
@@ -188,7 +193,6 @@ def test_sva_rewrites_the_image_positions_after_each_listed_llm_layer():
     """Cambrian's ``cambrian_llama.py``: after decoder layer 0, h[image] = reaggregate(h[image]); nothing else moves."""
     model, ids, pixels = sva_model()
     n, layers = model.tokens_per_image(), model.llm.decoder_layers
-    model(_batch(ids, pixels, n))  # arms once, so that the toolkit's hooks exist before the test's
     seen = {}
     handles = [layers[0].register_forward_hook(lambda m, a, out: seen.__setitem__("raw", out.clone()), prepend=True),
                layers[1].register_forward_pre_hook(lambda m, a, k: seen.__setitem__("next", (a[0] if a else k["hidden_states"]).clone()),
@@ -202,7 +206,7 @@ def test_sva_rewrites_the_image_positions_after_each_listed_llm_layer():
             h.remove()
     image = ids == model.image_token_id
     assert torch.equal(seen["next"][~image], seen["raw"][~image])
-    torch.testing.assert_close(seen["next"][image], out.rewrites[0](seen["raw"][image]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(seen["next"][image], rewrites(out)[0](seen["raw"][image]), rtol=1e-5, atol=1e-6)
     assert (seen["next"][image] - seen["raw"][image]).abs().max() > 1e-3
 
 
@@ -210,7 +214,7 @@ def test_sva_generation_rewrites_in_prefill_only_and_equals_decoding_without_a_c
     model, ids, pixels = sva_model()
     n = model.tokens_per_image()
     generated = model.generate(ids, torch.ones_like(ids), pixel_values=pixels, max_new_tokens=4, stop_token_ids=[-1])
-    assert model.llm.injector.armed == []
+    assert not any(layer._forward_hooks for layer in model.llm.decoder_layers)
     seq = ids
     with torch.no_grad():
         for _ in range(4):
@@ -241,9 +245,12 @@ def mova(**options):
     return CONNECTORS.build(spec, in_dims=[16, 24, 8], out_dim=D, grids=[(4, 4), (8, 8), (2, 2)])
 
 
+def context(seed=3, n=2):
+    return torch.randn(n, 5, D, generator=torch.Generator().manual_seed(seed)), torch.ones(n, 5, dtype=torch.bool)
+
+
 def run(conn, features, seed=3):
-    conn.set_context(torch.randn(2, 5, D, generator=torch.Generator().manual_seed(seed)), torch.ones(2, 5, dtype=torch.bool))
-    return conn(features).tokens
+    return conn(features, text_context=context(seed)).tokens
 
 
 def test_mova_shapes_and_token_count():
@@ -281,20 +288,19 @@ def test_mova_gates_are_top_k_renormalised_and_respect_the_coarse_mask():
     for seed in range(3):  # a trained gate: its zero-initialised last layer made random
         torch.manual_seed(seed)
         torch.nn.init.normal_(conn.blocks[0].gate[-1].weight, std=2.0)
-        run(conn, feats(*MOVA_SHAPES), seed=seed)
-        w = conn.routing[0]  # [n_img, E]
+        w = conn(feats(*MOVA_SHAPES), text_context=context(seed)).routing[0]  # [n_img, E]
         assert ((w > 0).sum(-1) == 1).all() and torch.allclose(w.sum(-1), torch.ones(2))
     wide = mova(top_k=2, num_layers=1)
     torch.nn.init.normal_(wide.blocks[0].gate[-1].weight, std=2.0)
-    run(wide, feats(*MOVA_SHAPES))
-    w = wide.routing[0]
+    out = wide(feats(*MOVA_SHAPES), text_context=context())
+    w = out.routing[0]
     assert ((w > 0).sum(-1) == 2).all() and torch.allclose(w.sum(-1), torch.ones(2))
-    assert torch.allclose(wide.metrics["mova_gate"], w.mean(0)) and wide.metrics["mova_gate"].shape == (2,)
+    assert torch.allclose(out.metrics["mova_gate"], w.mean(0)) and out.metrics["mova_gate"].shape == (2,)
     masked = mova(top_k=2, coarse_mask=[1, 0])
     torch.nn.init.normal_(masked.blocks[0].gate[-1].weight, std=2.0)
-    run(masked, feats(*MOVA_SHAPES))
-    assert (masked.routing[..., 1] == 0).all() and torch.allclose(masked.routing[..., 0], torch.ones(2, 2, 2)[..., 0])
-    assert masked.metrics["mova_gate"].tolist() == [1.0, 0.0]
+    out = masked(feats(*MOVA_SHAPES), text_context=context())
+    assert (out.routing[..., 1] == 0).all() and torch.allclose(out.routing[..., 0], torch.ones(2, 2, 2)[..., 0])
+    assert out.metrics["mova_gate"].tolist() == [1.0, 0.0]
     with pytest.raises(ConfigError, match="coarse_mask"):
         mova(coarse_mask=[0, 0])
 
@@ -302,21 +308,15 @@ def test_mova_gates_are_top_k_renormalised_and_respect_the_coarse_mask():
 def test_mova_needs_this_forward_s_instruction():
     conn = mova()
     features = feats(*MOVA_SHAPES)
-    with pytest.raises(ConfigError, match="set_context"):
+    with pytest.raises(ConfigError, match="text_context"):
         conn(features)
-    run(conn, features)
-    with pytest.raises(ConfigError, match="no set_context"):
-        conn(features)  # the context was consumed by the previous forward
-    conn.set_context(torch.randn(3, 5, D), torch.ones(3, 5, dtype=torch.bool))
     with pytest.raises(ConfigError, match="3 context rows for 2 images"):
-        conn(features)
+        conn(features, text_context=context(n=3))
     # the gate reads the masked mean of the instruction: padding outside the mask does not matter
     embeds, mask = torch.randn(2, 5, D), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    conn.set_context(embeds, mask)
-    first = conn._context.clone()
+    first = conn.instruction((embeds, mask), 2)
     embeds[0, 3:] = 100.0
-    conn.set_context(embeds, mask)
-    assert torch.equal(conn._context, first) and torch.allclose(first[0], embeds[0, :3].mean(0))
+    assert torch.equal(conn.instruction((embeds, mask), 2), first) and torch.allclose(first[0], embeds[0, :3].mean(0))
     assert type(conn).reads_instruction is True
 
 

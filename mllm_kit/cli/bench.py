@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from mllm_kit.cli.overrides import RunOverrides
 from mllm_kit.errors import ConfigError
 
 
@@ -36,7 +37,7 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
     return out
 
 
-def run_benches(args: argparse.Namespace, connector: dict[str, object]) -> int:
+def run_benches(args: argparse.Namespace, overrides: RunOverrides) -> int:
 
     import torch
     from rich.console import Console
@@ -64,7 +65,7 @@ def run_benches(args: argparse.Namespace, connector: dict[str, object]) -> int:
     _init_distributed()
     rank, _ = rank_and_world()
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else None)
-    generator = Generator.from_run(run, stage.name, device, connector=connector)
+    generator = Generator.from_run(run, stage.name, device, connector=overrides.connector, efficiency=overrides.efficiency)
     results = []
     for name, bench in chosen.items():
         config = GenerationConfig(max_new_tokens=args.max_new_tokens or bench.max_new_tokens)
@@ -72,10 +73,14 @@ def run_benches(args: argparse.Namespace, connector: dict[str, object]) -> int:
     if rank == 0:
         out = Path(args.out) if args.out else run / "eval" / stage.name
         config = {"model": "mllm_kit", "model_args": f"run={run},stage={stage.name}", "batch_size": args.batch_size,
-                  "benches": benches, "connector": connector}
+                  "benches": benches, "connector": overrides.connector, "efficiency": generator.efficiency_spec}
+        timing = generator.timing
+        config["timing"] = {"prefill_s": timing.prefill_s, "decode_s": timing.decode_s, "prompts": timing.prompts,
+                            "prompt_tokens": timing.prompt_tokens, "new_tokens": timing.new_tokens}
         path = write_results(out, results, config)
         console = Console()
         console.print(results_table(results))
+        console.print(f"generation (rank 0): {timing.summary()}")
         console.print(f"wrote {path}")
     return 0
 

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from mllm_kit.cli.overrides import USAGE, parse_overrides
+
 
 def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
     """The decoding options every generating command takes (:class:`~mllm_kit.inference.GenerationConfig`)."""
@@ -35,6 +37,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", action="append", default=[], help="image for the first message (repeatable)")
     p.add_argument("--device", default=None, help="e.g. cuda:0 (default: CPU)")
     add_generation_args(p, max_new_tokens=256)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=USAGE)
     p.set_defaults(func=_chat)
 
     p = sub.add_parser("predict", help="answer every prompt of a JSONL file; resumes, skipping ids already in --out")
@@ -46,6 +49,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
     add_generation_args(p)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=USAGE)
     p.set_defaults(func=_predict)
 
 
@@ -56,7 +60,8 @@ def _chat(args: argparse.Namespace) -> int:
     from mllm_kit.inference import Generator, Prompt
 
     console = Console()
-    generator = Generator.from_run(args.run, args.stage, args.device)
+    changes = parse_overrides(args.overrides, "chat")
+    generator = Generator.from_run(args.run, args.stage, args.device, connector=changes.connector, efficiency=changes.efficiency)
     config = generation_config(args)
     history: list[Turn] = []
     images: list[str] = []  # every image of the conversation, in order
@@ -110,7 +115,8 @@ def _predict(args: argparse.Namespace) -> int:
     log.info("%s: %d prompts, %d already answered in %s", args.data, len(items), len(items) - len(todo), args.out)
     if not todo:
         return 0
-    generator = Generator.from_run(args.run, args.stage, args.device)
+    changes = parse_overrides(args.overrides, "predict")
+    generator = Generator.from_run(args.run, args.stage, args.device, connector=changes.connector, efficiency=changes.efficiency)
     config = generation_config(args)
     model_name = f"{Path(args.run).name}/{args.stage or 'last'}"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -119,5 +125,5 @@ def _predict(args: argparse.Namespace) -> int:
         answers = generator.generate([item.prompt for item in batch], config, batch_size=args.batch_size)
         append(args.out, ({"id": item.id, "prompt": item.prompt.text, "text": answer, "model": model_name}
                           for item, answer in zip(batch, answers)))
-    log.info("wrote %d predictions to %s", len(todo), args.out)
+    log.info("wrote %d predictions to %s; %s", len(todo), args.out, generator.timing.summary())
     return 0

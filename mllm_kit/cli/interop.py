@@ -23,6 +23,8 @@ def _export(args: argparse.Namespace) -> int:
     recipe, state = read_run(Path(args.run))
     stage = finished_stage(recipe, state, args.stage)
     model = MLLM.from_pretrained(state.final_dir(stage.name)).eval()
+    if args.without_efficiency:
+        model.set_efficiency(None)
     data = stage.data
     if args.to == "hf-llava":
         from mllm_kit.interop.llava import to_hf_llava
@@ -61,6 +63,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", metavar="OUT", help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights (default: as trained)")
+    p.add_argument("--without-efficiency", action="store_true",
+                   help="drop the stage's visual-token efficiency method (FastV, PDrop): the same weights, every token in every "
+                        "layer — what LLaVA-HF runs")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("import", help="turn a local LLaVA-HF checkpoint into a run directory that recipes can start from",

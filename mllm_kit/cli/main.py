@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mllm_kit.cli import bench, generate, interop
+from mllm_kit.cli.overrides import parse_overrides
 from mllm_kit.errors import ConfigError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -42,6 +43,7 @@ def _fit(args: argparse.Namespace) -> int:
 def _evaluate_run(run_dir: Path, overrides: Sequence[str] = (), stage_name: str | None = None) -> int:
     import dataclasses
 
+    from mllm_kit.efficiency import override_efficiency
     from mllm_kit.files import atomic_write_json
     from mllm_kit.model import MLLM
     from mllm_kit.training.runner import evaluate
@@ -49,43 +51,25 @@ def _evaluate_run(run_dir: Path, overrides: Sequence[str] = (), stage_name: str 
 
     recipe, state = read_run(run_dir)
     stage = finished_stage(recipe, state, stage_name)
-    connector, data = _eval_overrides(overrides)
-    if data:
-        stage = dataclasses.replace(stage, data=dataclasses.replace(stage.data, **data))
-    model = MLLM.from_pretrained(state.final_dir(stage.name), connector=connector)
+    changes = parse_overrides(overrides, "eval", data=True)
+    if changes.data:
+        stage = dataclasses.replace(stage, data=dataclasses.replace(stage.data, **changes.data))
+    model = MLLM.from_pretrained(state.final_dir(stage.name), connector=changes.connector)
+    override_efficiency(model, changes.efficiency)
     result = evaluate(model, recipe, stage, run_dir / "data")
     name = "-".join(["eval", *([stage.name] if stage_name else []), *sorted(overrides)]).replace("/", "_") + ".json"
     atomic_write_json(run_dir / name, {"stage": stage.name, "accuracy": result.accuracy, "num_samples": result.num_samples,
-                                       "per_task": result.per_task, "loss": result.loss, "overrides": {**connector, **data}})
+                                       "per_task": result.per_task, "loss": result.loss, "overrides": changes.describe()})
     suffix = f" with {', '.join(sorted(overrides))}" if overrides else ""
     _console().print(f"[bold]{run_dir.name}[/] (stage {stage.name}{suffix}): {result.summary()}")
     return 0
 
 
-def _eval_overrides(overrides: Sequence[str]) -> tuple[dict[str, object], dict[str, object]]:
-    """``connector.KEY=VALUE`` (connector options without weights) and ``data.eval=PATH`` overrides of ``mllm-kit eval``."""
-    from omegaconf import OmegaConf
-
-    connector: dict[str, object] = {}
-    data: dict[str, object] = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        parsed = OmegaConf.from_dotlist([f"value={value}"])["value"] if sep else None
-        if sep and key.startswith("connector.") and len(key) > len("connector."):
-            connector[key.removeprefix("connector.")] = parsed
-        elif sep and key == "data.eval":
-            data["eval"] = str(parsed)
-        else:
-            raise ConfigError(f"eval override {item!r}: expected connector.KEY=VALUE (e.g. connector.scale=36) or data.eval=PATH.")
-    return connector, data
-
-
 def _eval(args: argparse.Namespace) -> int:
     if args.bench:
-        connector, data = _eval_overrides(args.overrides)
-        if data:
+        if any(item.startswith("data.eval=") for item in args.overrides):
             raise ConfigError("eval --bench reads the benches' own files; drop data.eval=... (or drop --bench).")
-        return bench.run_benches(args, connector)
+        return bench.run_benches(args, parse_overrides(args.overrides, "eval --bench"))
     return _evaluate_run(Path(args.run), args.overrides, args.stage)
 
 
@@ -193,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", help="evaluate this finished stage instead of the last (writes eval-STAGE.json)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="connector.KEY=VALUE: connector options for this evaluation, e.g. connector.scale=36 (Matryoshka); "
-                        "data.eval=PATH: another held-out set")
+                        "model.efficiency.KEY=VALUE: the visual-token efficiency method, e.g. model.efficiency.ratio=0.75, "
+                        "model.efficiency=off; data.eval=PATH: another held-out set")
     bench.add_bench_args(p)
     p.set_defaults(func=_eval)
 

@@ -23,7 +23,7 @@ from mllm_kit.config.recipe import (
     FSDP_PRECISIONS, LIGHTNING_STRATEGIES, SHARDED_STRATEGIES, DataSpec, EvalSpec, ModelSpec, OptimSpec, Recipe, RecipeSpec, Stage,
     TeacherSpec, TrainerSpec,
 )
-from mllm_kit.config.resolve import check_template, expand, resolve_component, resolve_named
+from mllm_kit.config.resolve import check_template, expand, resolve_component, resolve_efficiency, resolve_named
 from mllm_kit.config.runs import check_run_ref, model_from_init_run
 from mllm_kit.config.validate import to_dict, validate
 from mllm_kit.errors import ConfigError, did_you_mean
@@ -149,6 +149,7 @@ def resolve(spec: RecipeSpec, check_runs: bool = True) -> Recipe:
         raise ConfigError("model.llm: the recipe names no LLM; set a preset (e.g. vicuna_7b_v15) or a spec.")
     for key, group in MODEL_GROUPS.items():
         setattr(model, key, resolve_component(group, getattr(model, key), f"model.{key}"))
+    model.efficiency = resolve_efficiency(model.efficiency, "model.efficiency")
     stages = [_resolve_stage(spec, i, check_runs) for i in range(len(spec.stages))]
     _check_benches(spec.eval, stages)
     return Recipe(spec.name, spec.description, spec.citation, model, stages, spec.eval, spec.smoke)
@@ -188,10 +189,12 @@ def _over_model(base: ModelSpec, specs: dict[str, Any], where: str) -> ModelSpec
     """``base`` with the components named in ``specs`` (a partial model) resolved in their place."""
     unknown = [k for k in specs if k not in MODEL_GROUPS]
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key.{did_you_mean(str(unknown[0]), MODEL_GROUPS)} Valid keys: {', '.join(MODEL_GROUPS)}.")
+        hint = " A stage's efficiency method is its own top-level `efficiency` key." if "efficiency" in unknown else ""
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key.{did_you_mean(str(unknown[0]), MODEL_GROUPS)} Valid keys: "
+                          f"{', '.join(MODEL_GROUPS)}.{hint}")
     parts = {k: resolve_component(g, specs[k], f"{where}.{k}") if specs.get(k) is not None else getattr(base, k)
              for k, g in MODEL_GROUPS.items()}
-    return ModelSpec(**parts)
+    return ModelSpec(**parts, efficiency=base.efficiency)
 
 
 def _check_earlier(spec: RecipeSpec, index: int, name: str, where: str, hint: str = "") -> None:
@@ -281,8 +284,9 @@ def _resolve_stage(spec: RecipeSpec, index: int, check_runs: bool = True) -> Sta
     _check_packing(data, objective, teacher, f"{where}.data")
     _check_sources(data, f"{where}.data")
     _check_trainer(trainer, teacher, f"{where}.trainer")
+    efficiency = spec.model.efficiency if s.efficiency is None else resolve_efficiency(s.efficiency, f"{where}.efficiency")
     return Stage(s.name, s.trainable, transforms, objective, s.aux_loss_coef, data, optim, trainer, model, init_from, teacher,
-                 s.pre_align, dict(s.init_members))
+                 s.pre_align, dict(s.init_members), efficiency)
 
 
 def _merge(base: Any, override: dict[str, Any], schema: type, path: str) -> Any:

@@ -19,11 +19,14 @@ from mllm_kit.errors import ConfigError, did_you_mean
 @dataclass
 class ModelSpec:
     """Component specs. As written: a preset name, ``{preset: name, **overrides}``, ``{name: registered, **options}``
-    or ``{_target_: pkg.mod.Class, **options}``; once resolved, always a full mapping with ``name`` or ``_target_``."""
+    or ``{_target_: pkg.mod.Class, **options}``; once resolved, always a full mapping with ``name`` or ``_target_``.
+    ``efficiency``: a visual-token efficiency method for every stage and for inference (``{method: fastv, layer: 2,
+    ratio: 0.5}``; docs/efficiency.md); a stage's own ``efficiency`` replaces it."""
 
     encoder: Any = "clip_vit_l14_336"
     connector: Any = "mlp2x_gelu"
     llm: Any = None
+    efficiency: Any = None
 
 
 @dataclass
@@ -234,6 +237,7 @@ class StageSpec:
     teacher: TeacherSpec | None = None
     pre_align: str | None = None
     init_members: dict[str, str] = field(default_factory=dict)
+    efficiency: Any = None
 
 
 @dataclass
@@ -260,7 +264,9 @@ class Stage:
 
     ``pre_align``: a member of the recipe's encoder mixture that this stage trains alone, with its own projector (the
     stage's ``model.connector``, default ``mlp2x_gelu``) and the recipe's LLM — Eagle's pre-alignment (specs §5.1);
-    ``init_members``: member → earlier stage whose final encoder replaces that member's weights when this stage starts."""
+    ``init_members``: member → earlier stage whose final encoder replaces that member's weights when this stage starts.
+    ``efficiency``: the stage's visual-token efficiency method (its own, else the recipe's ``model.efficiency``;
+    ``None``: off), a checked ``{name, **options}`` spec."""
 
     name: str
     trainable: list[str]
@@ -275,6 +281,7 @@ class Stage:
     teacher: TeacherSpec | None = None
     pre_align: str | None = None
     init_members: dict[str, str] = field(default_factory=dict)
+    efficiency: dict[str, Any] | None = None
 
 
 @dataclass

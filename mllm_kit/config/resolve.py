@@ -121,6 +121,19 @@ def resolve_named(registry: Registry[Any], spec: Any, path: str) -> dict[str, An
     return dict(spec)
 
 
+def resolve_efficiency(spec: Any, path: str) -> dict[str, Any] | None:
+    """A checked ``{name | _target_: ..., **options}`` efficiency method (``method`` is accepted for ``name``), or
+    ``None`` for off (``null``, ``false``, ``none``, ``{method: none}``). Its fit to a model (layers within the depth)
+    is checked when a model takes it (:meth:`MLLM.set_efficiency`)."""
+    from mllm_kit.registry import EFFICIENCY
+
+    if spec in (None, False, "none", "off") or (isinstance(spec, Mapping) and spec.get("method") in ("none", "off")):
+        return None
+    if isinstance(spec, Mapping) and "method" in spec:
+        spec = {NAME_KEY: spec["method"], **{k: v for k, v in spec.items() if k != "method"}}
+    return resolve_named(EFFICIENCY, spec, path)
+
+
 def check_template(name: str, path: str) -> str:
     if not isinstance(name, str):
         raise ConfigError(f"{path}: expected a template name, got {name!r}.")

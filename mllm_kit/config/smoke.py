@@ -77,6 +77,7 @@ def tiny_model_like(model: ModelSpec, smoke: SmokeSpec, teacher: bool = False) -
         encoder=tiny_encoder_like(model.encoder),
         connector=resolve_component("connectors", tiny_connector_like(model.connector, smoke.connector), "smoke.connector"),
         llm=llm,
+        efficiency=model.efficiency,
     )
 
 
@@ -90,8 +91,18 @@ def _tiny_teacher(teacher: TeacherSpec | None, student: ModelSpec, smoke: SmokeS
                                model=to_dict(tiny_model_like(model, smoke, teacher=True)))
 
 
+def _deep_enough(smoke: SmokeSpec, recipe: Recipe) -> SmokeSpec:
+    """A tiny LLM with a layer past the deepest one an efficiency method names (FastV's K, PDrop's boundaries)."""
+    deepest = 0
+    for spec in [recipe.model.efficiency, *(s.efficiency for s in recipe.stages)]:
+        if isinstance(spec, dict):
+            named = [spec.get("layer") or 0, *(spec.get("layers") or [])]
+            deepest = max(deepest, *(int(v) for v in named))
+    return dataclasses.replace(smoke, llm_layers=max(smoke.llm_layers, deepest + 1))
+
+
 def smoke_recipe(recipe: Recipe) -> Recipe:
-    smoke = recipe.smoke
+    smoke = _deep_enough(recipe.smoke, recipe)
     model = tiny_model_like(recipe.model, smoke)
     stages = []
     for stage in recipe.stages:

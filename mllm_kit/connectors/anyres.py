@@ -19,10 +19,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mllm_kit.connectors.base import Connector, ConnectorOutput, add_aux, build_connector
+from mllm_kit.connectors.base import Connector, ConnectorOutput, build_connector
 from mllm_kit.data.transforms import best_grid, pinpoint_grids
 from mllm_kit.encoders.base import VisualFeatures
 from mllm_kit.errors import ConfigError
+from mllm_kit.layers.reports import add_aux
 from mllm_kit.registry import register_connector
 
 # LLaVA-NeXT (v1.6) image_grid_pinpoints, [height, width] in pixels.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -13,6 +13,7 @@ from torch import nn
 from mllm_kit.data.transforms import crop_grids
 from mllm_kit.encoders.base import VisionEncoder, VisualFeatures
 from mllm_kit.errors import ConfigError
+from mllm_kit.llm.steps import LayerStep
 from mllm_kit.registry import CONNECTORS
 
 
@@ -22,23 +23,19 @@ class ConnectorOutput:
 
     ``tokens``: ``[n_img, N, D]`` visual tokens written at the image positions (``[Σ Nᵢ, D]``, images in order,
     from a connector with ``dynamic_tokens``).
-    ``aux_losses``: named scalar losses (MoE balance, z-loss, ...) weighted by the recipe.
-    ``injections``: LLM layer index → ``[n_img, N, D]`` added at the image positions before that layer (DeepStack).
-    ``rewrites``: LLM layer index → a function of the ``[n_img·N, D]`` hidden states at the image positions after that
-    layer, whose result replaces them (Cambrian's inside-LLM re-aggregation).
+    ``aux_losses``: named scalar losses (MoE balance, z-loss, ...) weighted by the recipe; ``metrics``: detached
+    statistics to log (MoVA's per-expert gate weights); ``routing``: a gated connector's per-image expert weights
+    (MoVA: ``[num_layers, n_img, E]``, detached), for analysis.
+    ``steps``: what the connector does inside the LLM for this call (:mod:`mllm_kit.llm.steps`): DeepStack's
+    :class:`~mllm_kit.llm.steps.Injection` before chosen layers, Cambrian's :class:`~mllm_kit.llm.steps.Rewrite` after
+    them.
     """
 
     tokens: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    injections: dict[int, torch.Tensor] | None = None
-    rewrites: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None
-
-
-def add_aux(into: dict[str, torch.Tensor], more: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sum ``more``'s named aux losses into ``into`` (same name: added, as MoE layers' are over layers); returns ``into``."""
-    for name, value in more.items():
-        into[name] = into[name] + value if name in into else value
-    return into
+    steps: tuple[LayerStep, ...] = ()
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    routing: torch.Tensor | None = None
 
 
 class Connector(nn.Module):
@@ -65,6 +62,11 @@ class Connector(nn.Module):
         super().__init__()
         self.in_dims = tuple(int(d) for d in in_dims)
         self.out_dim = int(out_dim)
+
+    def layers_written(self) -> list[int]:
+        """The decoder layers whose input this connector's steps change at the image positions (an injection before
+        layer ℓ: ℓ; a rewrite after layer ℓ: ℓ + 1). A token-dropping method may drop from the last of them on."""
+        return []
 
     def encode_views(self, encoder: VisionEncoder, pixel_values: torch.Tensor, crop_pixel_values: torch.Tensor,
                      crop_grids: list[tuple[int, int]]) -> list[VisualFeatures]:

@@ -26,6 +26,7 @@ from torch import nn
 from mllm_kit.connectors.base import Connector, ConnectorOutput, build_connector
 from mllm_kit.encoders.base import VisionEncoder, VisualFeatures
 from mllm_kit.errors import ConfigError
+from mllm_kit.llm.steps import Injection
 from mllm_kit.registry import register_connector
 
 SAMPLINGS = ("2d", "1d", "grid")
@@ -105,6 +106,9 @@ class DeepStackConnector(Connector):
     def num_tokens(self, input_tokens: int, grid: tuple[int, int]) -> int:
         return self.inner.num_tokens(input_tokens, grid)
 
+    def layers_written(self) -> list[int]:
+        return self.layers
+
     def forward(self, features: Sequence[VisualFeatures], text_context: torch.Tensor | None = None) -> ConnectorOutput:
         out = self.inner(features, text_context)
         crops = features[0].crops
@@ -112,8 +116,8 @@ class DeepStackConnector(Connector):
             return out
         crop_tokens = self.inner([crops], text_context).tokens  # [Σ crops, N, D]
         stacks = stacks_from_crops(crop_tokens, features[0].crop_grids, self.num_crops, self.side, self.sampling)
-        injections = {layer: stacks[:, k] for k, layer in enumerate(self.layers)}
-        return ConnectorOutput(tokens=out.tokens, aux_losses=out.aux_losses, injections=injections)
+        injections = tuple(Injection(layer, stacks[:, k]) for k, layer in enumerate(self.layers))
+        return ConnectorOutput(tokens=out.tokens, aux_losses=out.aux_losses, steps=(*out.steps, *injections), metrics=out.metrics)
 
 
 @register_connector("deepstack_vit")
@@ -143,45 +147,40 @@ class DeepStackViTConnector(Connector):
         _check_options(sampling, num_crops)
         self.inner = _square_inner(inner, in_dims, out_dim, grid)
         self.side, self.num_crops, self.start, self.sampling = grid[0], num_crops, start, sampling
-        self._hooked_encoder: int | None = None  # id() only: holding the module would register it as a child
-        self._pass: dict[str, Any] | None = None  # what the current encoder pass stacks
 
     def num_tokens(self, input_tokens: int, grid: tuple[int, int]) -> int:
         return self.inner.num_tokens(input_tokens, grid)
 
     def encode_views(self, encoder: VisionEncoder, pixel_values: torch.Tensor, crop_pixel_values: torch.Tensor,
                      crop_grids: list[tuple[int, int]]) -> list[VisualFeatures]:
-        self._attach(encoder)
-        self._pass = {"n_img": pixel_values.shape[0], "grids": crop_grids, "prefix": encoder.num_prefix_tokens, "stacks": None}
-        try:
-            features = super().encode_views(encoder, pixel_values, crop_pixel_values, crop_grids)
-        finally:
-            self._pass = None
-        for f in features:
-            f.crops = None  # the crops' information is already in the global features
-        return features
-
-    def _attach(self, encoder: VisionEncoder) -> None:
-        if self._hooked_encoder == id(encoder):
-            return
+        """One encoder pass over global views and crops, with the stacking hooks installed on the encoder's blocks for
+        this pass only (the hooks read this pass's image count and crop grids as arguments)."""
         blocks = encoder.blocks
         start = len(blocks) // 2 if self.start is None else self.start
         if start < 0 or start + self.num_crops > len(blocks):
             raise ConfigError(f"deepstack_vit: stacks at blocks {start}..{start + self.num_crops - 1}, but the encoder has "
                               f"{len(blocks)} blocks; lower start or num_crops.")
-        for k in range(self.num_crops):
-            blocks[start + k].register_forward_pre_hook(functools.partial(self._add_stack, k), with_kwargs=True)
-        self._hooked_encoder = id(encoder)
+        stacks: list[torch.Tensor] = []  # the pass's stacks, made at block `start` from the crops' hidden states
+        add = functools.partial(self._add_stack, n=pixel_values.shape[0], grids=crop_grids, prefix=encoder.num_prefix_tokens,
+                                stacks=stacks)
+        handles = [blocks[start + k].register_forward_pre_hook(functools.partial(add, k), with_kwargs=True)
+                   for k in range(self.num_crops)]
+        try:
+            features = super().encode_views(encoder, pixel_values, crop_pixel_values, crop_grids)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for f in features:
+            f.crops = None  # the crops' information is already in the global features
+        return features
 
-    def _add_stack(self, k: int, module: nn.Module, args: tuple, kwargs: dict):
-        state = self._pass
-        if state is None:  # an encoder pass without crops
-            return None
+    def _add_stack(self, k: int, module: nn.Module, args: tuple, kwargs: dict, *, n: int, grids: list[tuple[int, int]],
+                   prefix: int, stacks: list[torch.Tensor]):
         hidden = args[0] if args else kwargs["hidden_states"]
-        n, p = state["n_img"], state["prefix"]
+        p = prefix
         if k == 0:
-            state["stacks"] = stacks_from_crops(hidden[n:, p:], state["grids"], self.num_crops, self.side, self.sampling)
-        patches = hidden[:n, p:] + state["stacks"][:, k].to(hidden.dtype)
+            stacks[:] = [stacks_from_crops(hidden[n:, p:], grids, self.num_crops, self.side, self.sampling)]
+        patches = hidden[:n, p:] + stacks[0][:, k].to(hidden.dtype)
         hidden = torch.cat([torch.cat([hidden[:n, :p], patches], dim=1), hidden[n:]], dim=0)
         if args:
             return (hidden, *args[1:]), kwargs

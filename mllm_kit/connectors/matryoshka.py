@@ -13,7 +13,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 
 from mllm_kit.connectors.base import Connector, ConnectorOutput, build_connector
@@ -68,19 +67,24 @@ class MatryoshkaConnector(Connector):
 
     @property
     def scale(self) -> int:
-        """The token budget of the next forward (the Matryoshka objective sets it per pass)."""
+        """The token budget the model uses (and the data pipeline expands ``<image>`` to)."""
         return self._scale
 
     @scale.setter
     def scale(self, value: int) -> None:
+        self._scale = self._checked(value)
+
+    def _checked(self, value: int) -> int:
         if value not in self.scales:
             raise ConfigError(f"matryoshka: scale {value} is not one of scales {list(self.scales)}.")
-        self._scale = int(value)
+        return int(value)
 
-    def forward(self, features: Sequence[VisualFeatures], text_context: torch.Tensor | None = None) -> ConnectorOutput:
+    def forward(self, features: Sequence[VisualFeatures], text_context: Any = None, scale: int | None = None) -> ConnectorOutput:
+        """``scale``: this call's token budget (default :attr:`scale`; the Matryoshka objective passes one per pass)."""
+        scale = self.scale if scale is None else self._checked(scale)
         out = self.inner(features, text_context)
         tokens = out.tokens
-        kernel = self.side // math.isqrt(self.scale)
+        kernel = self.side // math.isqrt(scale)
         if kernel > 1:
             n, _, d = tokens.shape
             grid = tokens.transpose(1, 2).reshape(n, d, self.side, self.side)

@@ -17,7 +17,7 @@ each map ``[n_img, Nₑ, Cₑ]`` bilinearly resized (align_corners=False, as MoV
 
 At initialisation every branch outputs exactly zero, so the adapter is the base path MLP(pool(base)).
 
-Deviations from MoVA: the text context t is the masked mean of the instruction's LLM token embeddings (``set_context``,
+Deviations from MoVA: the text context t is the masked mean of the instruction's LLM token embeddings (``text_context``,
 the model's one instruction path; ``[n_img, D]``, so the gate reads D + C) instead of a BERT-large [CLS] vector (1024 +
 C). MoVA's coarse routing (the LLM choosing the relevant experts in a first pass) is not implemented: ``coarse_mask``
 is a fixed 0/1 per expert.
@@ -36,9 +36,9 @@ from torch import nn
 
 from mllm_kit.connectors.base import Connector, ConnectorOutput
 from mllm_kit.encoders.base import VisualFeatures
+from mllm_kit.encoders.mixture import resample_map
 from mllm_kit.errors import ConfigError
 from mllm_kit.layers.mlp import build_mlp
-from mllm_kit.encoders.mixture import resample_map
 from mllm_kit.registry import register_connector
 
 
@@ -147,9 +147,10 @@ class MoVAConnector(Connector):
     (topk_experts, 3), ``output_side`` (null: half the base side, as MoVA's resolution//2 → 24 for a 48×48 base),
     ``regstage_depth`` (1), ``coarse_mask`` (one 0/1 per expert, null: all 1).
 
-    The gate reads the instruction: call :meth:`set_context` before every forward (the model does, with one row per
-    image); ``forward`` consumes it. ``metrics["mova_gate"]`` ``[E]``: the mean gate weight per expert (over images and
-    blocks); ``routing`` ``[num_layers, n_img, E]``: the last forward's weights (both detached).
+    The gate reads each image's instruction: ``forward(features, text_context=(embeds [n_img, L, D], mask [n_img, L]))``
+    with the LLM token embeddings of the instruction (the model passes them, one row per image); the gate uses their
+    masked mean. The output's ``metrics["mova_gate"]`` ``[E]``: the mean gate weight per expert (over images and
+    blocks); its ``routing`` ``[num_layers, n_img, E]``: this forward's weights (both detached).
     """
 
     smoke_options = {"num_layers": 1, "heads": 2, "top_k": 1}
@@ -192,24 +193,26 @@ class MoVAConnector(Connector):
         for block in (*self.downsample[0].children(), *self.downsample[2].children()):
             block.zero_init_last()  # with linear_out each block starts as the identity
         self.readout = build_mlp(c, out_dim, 2, "gelu")
-        self._context: torch.Tensor | None = None
-        self.routing: torch.Tensor | None = None
-        self.metrics: dict[str, torch.Tensor] = {}
 
     def num_tokens(self, input_tokens: int, grid: tuple[int, int]) -> int:
         return self.output_grid[0] * self.output_grid[1]
 
-    def set_context(self, embeds: torch.Tensor, mask: torch.Tensor) -> None:
-        """``embeds [n_img, L, D]``: LLM token embeddings of each image's instruction, ``mask [n_img, L]`` its tokens;
-        stores their masked mean ``[n_img, D]`` for the next forward."""
+    def instruction(self, text_context: tuple[torch.Tensor, torch.Tensor] | None, n: int) -> torch.Tensor:
+        """``(embeds [n_img, L, D], mask [n_img, L])`` → their masked mean ``[n_img, D]``, what the gate reads."""
+        if text_context is None:
+            raise ConfigError("mova: its gate reads each image's instruction; pass text_context=(embeds [n_img, L, D], "
+                              "mask [n_img, L]) (MLLM.forward does).")
+        embeds, mask = text_context
         if embeds.dim() != 3 or embeds.shape[-1] != self.out_dim or mask.shape != embeds.shape[:2]:
-            raise ConfigError(f"mova: set_context() takes embeds [n_img, L, {self.out_dim}] and mask [n_img, L], got "
+            raise ConfigError(f"mova: text_context takes embeds [n_img, L, {self.out_dim}] and mask [n_img, L], got "
                               f"{list(embeds.shape)} and {list(mask.shape)}.")
+        if embeds.shape[0] != n:
+            raise ConfigError(f"mova: its gate reads one instruction row per image; got {embeds.shape[0]} context rows for "
+                              f"{n} images.")
         m = mask.to(embeds.dtype).unsqueeze(-1)
-        self._context = (embeds * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+        return (embeds * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
-    def forward(self, features: Sequence[VisualFeatures], text_context: torch.Tensor | None = None) -> ConnectorOutput:
-        context, self._context = self._context, None  # consumed: a later forward never reads a stale instruction
+    def forward(self, features: Sequence[VisualFeatures], text_context: tuple[torch.Tensor, torch.Tensor] | None = None) -> ConnectorOutput:
         if len(features) != len(self.in_dims):
             raise ConfigError(f"mova was built for {len(self.in_dims)} members but got {len(features)} feature sets.")
         maps = []
@@ -221,10 +224,7 @@ class MoVAConnector(Connector):
             maps.append(x)
         base, grid = maps[0], self.grids[0]
         n = base.shape[0]
-        if context is None or context.shape[0] != n:
-            got = "no set_context() call" if context is None else f"{context.shape[0]} context rows"
-            raise ConfigError(f"mova: its gate reads each image's instruction; call set_context(embeds, mask) with one row per "
-                              f"image before every forward ({got} for {n} images).")
+        context = self.instruction(text_context, n)
         experts = [resample_map(x, f.grid, grid, align_corners=False) for x, f in zip(maps[1:], features[1:])]  # feature_align
         x, weights = base + self.pos_embed.to(base.dtype), []
         for block in self.blocks:
@@ -232,6 +232,6 @@ class MoVAConnector(Connector):
             weights.append(w.detach())
         x = (x + base) / 2
         x = self.downsample(x.transpose(1, 2).reshape(n, -1, *grid))
-        self.routing = torch.stack(weights)
-        self.metrics = {"mova_gate": self.routing.mean(dim=(0, 1))}
-        return ConnectorOutput(tokens=self.readout(x.flatten(2).transpose(1, 2)))
+        routing = torch.stack(weights)
+        return ConnectorOutput(tokens=self.readout(x.flatten(2).transpose(1, 2)), metrics={"mova_gate": routing.mean(dim=(0, 1))},
+                               routing=routing)

@@ -42,6 +42,7 @@ from mllm_kit.connectors.base import Connector, ConnectorOutput
 from mllm_kit.encoders.base import VisualFeatures
 from mllm_kit.errors import ConfigError
 from mllm_kit.layers.mlp import build_mlp
+from mllm_kit.llm.steps import Rewrite
 from mllm_kit.registry import register_connector
 
 
@@ -138,6 +139,9 @@ class SVAConnector(Connector):
             {str(v): VisionCrossAttentionLayer(out_dim, hidden, hidden, heads, self.window_sizes) for v in self.llm_layers}
         )
 
+    def layers_written(self) -> list[int]:
+        return [v + 1 for v in self.llm_layers]
+
     def num_tokens(self, input_tokens: int, grid: tuple[int, int]) -> int:
         s = self.query_side
         return s * (s + int(self.image_newline is not None))
@@ -167,8 +171,8 @@ class SVAConnector(Connector):
         if self.image_newline is not None:
             newline = self.image_newline.to(tokens.dtype).expand(n, s, 1, -1)
             tokens = torch.cat([tokens.view(n, s, s, -1), newline], dim=2).reshape(n, s * (s + 1), -1)
-        rewrites = {v: partial(self.reaggregate, v, windows=kv, context=context) for v in self.llm_layers}
-        return ConnectorOutput(tokens=tokens, rewrites=rewrites or None)
+        rewrites = tuple(Rewrite(v, partial(self.reaggregate, v, windows=kv, context=context)) for v in self.llm_layers)
+        return ConnectorOutput(tokens=tokens, steps=rewrites)
 
     def reaggregate(self, layer: int, hidden: torch.Tensor, windows: Sequence[torch.Tensor], context: torch.Tensor) -> torch.Tensor:
         """Cambrian's re-aggregation after LLM layer ``layer`` (one of ``llm_layers``): the LLM hidden states at the

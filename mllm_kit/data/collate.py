@@ -82,12 +82,21 @@ def sample_fields(samples: Sequence[Sample], labels: torch.Tensor, segments: tor
         num_image_tokens=sum(s.num_image_tokens for s in samples),
         sample_ids=[s.id for s in samples],
         num_loss_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
+        num_answer_spans=answer_spans(labels, segments),
         crop_pixel_values=torch.cat(crops) if crops else None,
         crop_grids=[g for s in samples for g in s.crop_grids],
         image_sizes=[size for s in samples for size in s.image_sizes],
         instruction_ids=instruction_ids,
         instruction_mask=instruction_mask,
     )
+
+
+def answer_spans(labels: torch.Tensor, segments: torch.Tensor) -> int:
+    """Supervised spans (answers) in the batch: positions whose label is ignored and whose next one, in the same
+    sample, is supervised."""
+    supervised = labels != IGNORE_INDEX
+    starts = ~supervised[:, :-1] & supervised[:, 1:] & (segments[:, 1:] == segments[:, :-1])
+    return int(starts.sum())
 
 
 def instruction_rows(samples: Sequence[Sample], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -10,8 +11,9 @@ from torch import nn
 from mllm_kit.batch import Batch
 from mllm_kit.flops.connectors import Context, Features, approximate, connector_flops
 from mllm_kit.flops.encoders import ENCODER_FLOPS, approximate_encoder, hidden_grads, members
-from mllm_kit.flops.llm import decoder_flops, gate_flops, head_flops, text_grad
+from mllm_kit.flops.llm import decoder_flops, gate_flops, head_flops, scoring_flops, text_grad
 from mllm_kit.flops.tally import CROP, IMAGE, PAIR, ROW, SAMPLE, TOKEN, VIEW, FlopsUnavailable, Needs, Rate, Tally
+from mllm_kit.llm.steps import dropped_by
 from mllm_kit.objectives.head import CHUNK_SIZE
 
 PARTS = ("encoder", "connector", "llm", "head")
@@ -94,7 +96,8 @@ class Units:
     """Host-side counts of one batch, what the rates are per: encoder ``views`` (images + crops, or the blank image a
     text-only training batch runs), connector ``images`` and ``crops``, LLM ``tokens`` (positions, B·T), attention
     ``pairs``, instance-gate ``samples``, LM-head ``rows``; and for throughput ``real_tokens`` (positions that are not
-    padding) and ``sequences``."""
+    padding) and ``sequences``. ``streams``: after each token drop (:mod:`mllm_kit.efficiency`), the ``(tokens, pairs)``
+    the later decoder layers run on."""
 
     views: int
     images: int
@@ -105,6 +108,7 @@ class Units:
     rows: int
     real_tokens: int
     sequences: int
+    streams: tuple[tuple[int, int], ...] = ()
 
     def of(self, unit: str) -> int:
         return {VIEW: self.views, IMAGE: self.images, CROP: self.crops, TOKEN: self.tokens, PAIR: self.pairs,
@@ -192,7 +196,16 @@ class StepFlops:
                 raise
             self.approximate.append(f"encoder {type(encoder).__name__}")
             approximate_encoder(encoder, tallies["encoder"])
-        layers = decoder_flops(llm, tallies["llm"], visual.grad or text, visual.injections, visual.rewrites)
+        # A token-dropping method splits the decoder into streams: each is counted per its own positions.
+        self.drops = list(model.efficiency.drops()) if getattr(model, "efficiency", None) is not None else []
+        self.streams = [Tally(needs) for _ in self.drops]
+        starts = [d.layer for d in self.drops]
+        stream_of = lambda layer: sum(layer >= s for s in starts)  # noqa: E731
+        tally_of = lambda layer: tallies["llm"] if stream_of(layer) == 0 else self.streams[stream_of(layer) - 1]  # noqa: E731
+        layers = decoder_flops(llm, tallies["llm"], visual.grad or text, visual.injections, visual.rewrites, tally_of)
+        for drop in self.drops:
+            scoring_flops(llm, tally_of(drop.layer - 1), drop.scored_at)
+        self.image_tokens = model.tokens_per_image if connector.dynamic_tokens else None
         gate_flops(llm, tallies["llm"], text)
         if visual.rewrite_flops is not None:
             visual.rewrite_flops(dict(enumerate(layers)), tallies["connector"])
@@ -201,7 +214,44 @@ class StepFlops:
         self.rates: dict[str, dict[str, Rate]] = {part: t.rates for part, t in tallies.items()}
 
     def units(self, batch: Batch, head_rows: int | None = None, useful: bool = False) -> Units:
-        return Units.of_batch(batch, self.training, head_rows, useful)
+        units = Units.of_batch(batch, self.training, head_rows, useful)
+        return dataclasses.replace(units, streams=self._streams(batch, useful)) if self.drops and batch.num_images else units
+
+    def _streams(self, batch: Batch, useful: bool) -> tuple[tuple[int, int], ...]:
+        """``(tokens, pairs)`` of the positions each stream after a drop runs on — the arithmetic of
+        :class:`~mllm_kit.llm.decoding.DecodeCall` on host counts: rows leave their padding (when their lengths are
+        known) and their dropped image tokens behind, the batch narrows to its longest row (shorter rows end in filler
+        slots); a packed row's samples attend within themselves."""
+        n_img = batch.num_images
+        counts = ([self.image_tokens(tuple(size)) for size in batch.image_sizes] if self.image_tokens is not None
+                  else [(batch.num_image_tokens or 0) // n_img] * n_img)
+        per_sample = batch.images_per_sample or [1] * len(batch)
+        sample_of = [s for s, n in enumerate(per_sample) for _ in range(n)]
+        lengths = [n for row in batch.seq_lens for n in row] if batch.seq_lens is not None else None
+        width = int(batch.input_ids.shape[1])
+        rows = [width] * len(batch) if batch.row_lengths is None else list(batch.row_lengths)
+        original, out = list(counts), []
+        for drop in self.drops:
+            kept = drop.keep_counts(counts, original)
+            cut = dropped_by(sample_of, counts, kept, len(per_sample))
+            counts = kept
+            if lengths is None:  # padded: a sample per row
+                rows = [r - c for r, c in zip(rows, cut)]
+                narrow = max(rows)
+                out.append((narrow * len(rows), narrow * narrow * len(rows)) if not useful else (sum(rows), sum(r * r for r in rows)))
+                continue
+            lengths = [n - c for n, c in zip(lengths, cut)]
+            start, row_sums = 0, []
+            for row in batch.seq_lens:
+                row_sums.append(sum(lengths[start : start + len(row)]))
+                start += len(row)
+            tails = [r - sum(row) for r, row in zip(rows, batch.seq_lens)]  # a padding tail stays if lengths are unknown
+            narrow = max(s + t for s, t in zip(row_sums, tails))
+            pairs = sum(n * n for n in lengths)
+            if not useful:
+                pairs += sum((narrow - s) ** 2 for s in row_sums)
+            out.append((narrow * len(rows) if not useful else sum(lengths), pairs))
+        return tuple(out)
 
     def count(self, units: Units) -> FlopCount:
         parts = {}
@@ -209,6 +259,12 @@ class StepFlops:
             fwd = sum(r.forward * units.of(u) for u, r in rates.items())
             bwd = sum(r.backward * units.of(u) for u, r in rates.items())
             rec = sum(r.recompute * units.of(u) for u, r in rates.items())
+            if part == "llm":
+                for (tokens, pairs), tally in zip(units.streams, self.streams):
+                    stream = dataclasses.replace(units, tokens=tokens, pairs=pairs)
+                    fwd += sum(r.forward * stream.of(u) for u, r in tally.rates.items())
+                    bwd += sum(r.backward * stream.of(u) for u, r in tally.rates.items())
+                    rec += sum(r.recompute * stream.of(u) for u, r in tally.rates.items())
             if part == "head" and self.head_input_grad and units.rows > self.head_chunk:
                 rec += fwd  # objectives/head.py: every chunk's logits are recomputed in backward
             parts[part] = PartFlops(fwd, bwd, rec)

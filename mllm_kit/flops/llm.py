@@ -15,6 +15,8 @@ stream after it need gradients.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from mllm_kit.flops.tally import PAIR, ROW, SAMPLE, TOKEN, Tally, linear, shape, sublayers, transformer_block
@@ -39,13 +41,15 @@ def _checkpointed(layer: nn.Module) -> bool:
 
 
 def decoder_flops(llm: LanguageModel, t: Tally, grad: bool, injections: dict[int, bool] | None = None,
-                  rewrites: dict[int, bool] | None = None) -> list[bool]:
-    """Tally every decoder layer into ``t``; ``grad``: the input embeddings need gradients. Returns each layer's output
-    flag (the hidden states an SVA rewrite after that layer reads)."""
+                  rewrites: dict[int, bool] | None = None, tally_of: Callable[[int], Tally] | None = None) -> list[bool]:
+    """Tally every decoder layer into ``t`` (or into ``tally_of(layer)``: after a token drop, the layers of each
+    stream are counted per their own positions); ``grad``: the input embeddings need gradients. Returns each layer's
+    output flag (the hidden states an SVA rewrite after that layer reads)."""
     injections, rewrites = injections or {}, rewrites or {}
     width = attention_width(llm)
     out = []
     for i, layer in enumerate(llm.decoder_layers):
+        t = tally_of(i) if tally_of is not None else t
         grad = grad or injections.get(i, False)
         sub = t.child()
         tail = None
@@ -59,6 +63,16 @@ def decoder_flops(llm: LanguageModel, t: Tally, grad: bool, injections: dict[int
         out.append(after)
         grad = after or rewrites.get(i, False)
     return out
+
+
+def scoring_flops(llm: LanguageModel, t: Tally, layer: int) -> None:
+    """A token-dropping method's scoring at ``layer`` (:mod:`mllm_kit.efficiency.scoring`): the keys of every position
+    through the layer's k projection (no gradients). Its queries (a few per sample) and their scores are left out:
+    < 1/(heads·head dim) of this."""
+    attn = llm.decoder_layers[layer].self_attn
+    k = attn.k_proj if hasattr(attn, "k_proj") else attn.qkv_proj  # a fused projection runs whole
+    d_out, d_in = shape(getattr(k, "base_layer", k).weight)
+    t.add(TOKEN, 2 * d_in * d_out)
 
 
 def gate_flops(llm: LanguageModel, t: Tally, text: bool) -> None:

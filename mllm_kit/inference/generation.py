@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,24 @@ class GenerationConfig:
 
 
 @dataclass
+class GenerationTiming:
+    """Wall time a :class:`Generator` spent, split where the prefill ends: ``prefill_s`` covers the images (encoder,
+    connector) and the forward over the prompts, ``decode_s`` the token-by-token steps after it (CUDA is synchronised
+    at both marks). Counts: ``prompts``, ``prompt_tokens`` (padding excluded), ``new_tokens`` (up to each row's stop)."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prompts: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+
+    def summary(self) -> str:
+        per_token = self.decode_s / max(self.new_tokens, 1) * 1000
+        return (f"prefill {self.prefill_s:.2f} s for {self.prompts} prompts ({self.prompt_tokens} tokens), decode "
+                f"{self.decode_s:.2f} s for {self.new_tokens} tokens ({per_token:.1f} ms/token)")
+
+
+@dataclass
 class Prompt:
     """One user turn to answer. ``images`` fill the ``<image>`` placeholders of ``history`` and ``text`` in order;
     images without a placeholder are put at the start of ``text``, one line each, as LLaVA's data does.
@@ -119,6 +138,7 @@ class Generator:
 
     model: MLLM
     data: DataSpec = field(default_factory=DataSpec)
+    timing: GenerationTiming = field(default_factory=GenerationTiming)
 
     def __post_init__(self) -> None:
         from mllm_kit.training.data import model_view
@@ -130,17 +150,26 @@ class Generator:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, stage: str | None = None, device: str | torch.device | None = None,
-                 connector: dict[str, Any] | None = None) -> Generator:
+                 connector: dict[str, Any] | None = None, efficiency: dict[str, Any] | None = None) -> Generator:
         """The final weights of ``stage`` (default: the last finished one) of a run directory, with that stage's data
-        view; ``connector`` sets connector options that hold no weights (e.g. a Matryoshka ``scale``)."""
+        view; ``connector`` sets connector options that hold no weights (e.g. a Matryoshka ``scale``); ``efficiency``
+        changes the visual-token efficiency method the stage trained with (:func:`~mllm_kit.efficiency.override_efficiency`:
+        ``{"ratio": 0.75}``, ``{"method": "none"}``)."""
+        from mllm_kit.efficiency import override_efficiency
         from mllm_kit.training.state import finished_stage, read_run
 
         recipe, state = read_run(run_dir)
         chosen = finished_stage(recipe, state, stage)
         model = MLLM.from_pretrained(state.final_dir(chosen.name), connector=connector)
+        override_efficiency(model, efficiency)
         if device is not None:
             model.to(device)
         return cls(model, chosen.data)
+
+    @property
+    def efficiency_spec(self) -> dict[str, Any] | None:
+        """The visual-token efficiency method the model generates with (``None``: every token)."""
+        return getattr(self.model.efficiency, "build_spec", None)
 
     @property
     def device(self) -> torch.device:
@@ -190,20 +219,44 @@ class Generator:
             kwargs.update(stop_strings=list(config.stop), tokenizer=self.model.tokenizer)
         if streamer is not None:
             kwargs["streamer"] = streamer
-        with _seeded(config.seed):
-            new = self.model.generate(batch.input_ids, batch.attention_mask, batch.pixel_values,
-                                      stop_token_ids=self.stop_token_ids, crop_pixel_values=batch.crop_pixel_values,
-                                      crop_grids=batch.crop_grids or None, instruction_ids=batch.instruction_ids,
-                                      instruction_mask=batch.instruction_mask, image_sizes=batch.image_sizes or None,
-                                      images_per_sample=batch.images_per_sample or None, **kwargs)
-        return [cut_at_stop(text, config.stop) for text in self.decode(new)]
+        marks: list[float] = []
+
+        def prefill_done(module, args, output) -> None:
+            if not marks:
+                marks.append(_clock(self.device))
+
+        handle = self.model.llm.model.get_decoder().register_forward_hook(prefill_done)
+        start = _clock(self.device)
+        try:
+            with _seeded(config.seed):
+                new = self.model.generate(batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                          stop_token_ids=self.stop_token_ids, crop_pixel_values=batch.crop_pixel_values,
+                                          crop_grids=batch.crop_grids or None, instruction_ids=batch.instruction_ids,
+                                          instruction_mask=batch.instruction_mask, image_sizes=batch.image_sizes or None,
+                                          images_per_sample=batch.images_per_sample or None, row_lengths=batch.row_lengths,
+                                          **kwargs)
+        finally:
+            handle.remove()
+        end = _clock(self.device)
+        texts, lengths = self._decoded(new)
+        t = self.timing
+        t.prefill_s += (marks[0] if marks else end) - start
+        t.decode_s += end - (marks[0] if marks else end)
+        t.prompts += len(batch)
+        t.prompt_tokens += sum(batch.row_lengths or [])
+        t.new_tokens += sum(lengths)
+        return [cut_at_stop(text, config.stop) for text in texts]
 
     def decode(self, new: torch.Tensor) -> list[str]:
         """Decode ``[B, new]`` ids up to each row's first stop token (what follows is padding)."""
+        return self._decoded(new)[0]
+
+    def _decoded(self, new: torch.Tensor) -> tuple[list[str], list[int]]:
         stops = torch.tensor(self.stop_token_ids, device=new.device)
         ended = torch.isin(new, stops)
         lengths = torch.where(ended.any(1), ended.int().argmax(1), new.shape[1]).tolist()
-        return self.model.tokenizer.batch_decode([row[:n] for row, n in zip(new.tolist(), lengths)], skip_special_tokens=True)
+        texts = self.model.tokenizer.batch_decode([row[:n] for row, n in zip(new.tolist(), lengths)], skip_special_tokens=True)
+        return texts, lengths
 
     def stream(self, prompt: Prompt, config: GenerationConfig = GenerationConfig()) -> Iterator[str]:
         """The answer to one prompt as text pieces while it is generated; stop strings are held back until they can be
@@ -282,6 +335,13 @@ def hold_back_stops(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[str
             pending = pending[len(pending) - keep :]
     if pending:
         yield pending
+
+
+def _clock(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 @contextlib.contextmanager

@@ -173,6 +173,10 @@ def llava_blockers(model: MLLM) -> list[str]:
         name = spec.get("name")
         if name != "add_lora":
             out.append(_TRANSFORM_NAMES.get(name, f"transform {name!r}") + ": LLaVA-HF layers are plain transformers layers")
+    if model.efficiency is not None:
+        method = dict(getattr(model.efficiency, "build_spec", {}) or {}).get("name") or type(model.efficiency).__name__
+        out.append(f"model.efficiency {method!r} (visual-token dropping inside the LLM): LLaVA-HF runs every token through "
+                   f"every layer; export with --without-efficiency to write the same weights without dropping")
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,14 +10,18 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mllm_kit.llm.inject import ResidualInjector
+from mllm_kit.context import ForwardContext
+from mllm_kit.errors import ConfigError
+from mllm_kit.llm.decoding import DecodeCall
+from mllm_kit.llm.steps import LayerStep, TokenDrop
 
 
 class LanguageModel(nn.Module):
     """Wraps a causal LM and its tokenizer.
 
-    LLM-side features (DeepStack injection, MoE upcycling, LoRA) attach to ``model`` through module
-    replacement and forward hooks on ``decoder_layers``, so no architecture needs subclassing.
+    LLM-side features attach to ``model`` without subclassing any architecture: stage transforms replace modules
+    (MoE upcycling, LoRA, LoRA-MoE), and per-call work inside the decoder (DeepStack injections, SVA re-aggregation,
+    gates, token dropping) arrives as layer steps that :meth:`decode` installs for that call only.
     """
 
     model: PreTrainedModel
@@ -26,14 +31,6 @@ class LanguageModel(nn.Module):
     hidden_size: int
     decoder_layers: nn.ModuleList
     layer_cls: type[nn.Module]
-
-    @property
-    def injector(self) -> ResidualInjector:
-        """Residual additions to decoder-layer inputs at the image positions (DeepStack)."""
-        injector = self.__dict__.get("_injector")
-        if injector is None:
-            injector = self.__dict__["_injector"] = ResidualInjector(self.decoder_layers)
-        return injector
 
     def save_pretrained(self, directory: Path, weights: bool = True) -> dict[str, Any]:
         """Write model (or, with ``weights=False``, only its config) + tokenizer to ``directory``; return the spec
@@ -51,14 +48,26 @@ class LanguageModel(nn.Module):
         """``[B, T]`` ids → ``[B, T, D]`` input embeddings."""
         return self.model.get_input_embeddings()(input_ids)
 
-    def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               position_ids: torch.Tensor | None = None, output_hidden_states: bool = False):
-        """The decoder without its LM head: ``[B, T, D]`` embeddings → ``BaseModelOutput`` whose ``last_hidden_state``
-        ``[B, T, D]`` is after the final norm; :meth:`head` turns it into logits. Packed rows (``attention_mask`` None,
-        ``position_ids`` restarting per sample) are isolated by transformers only without a cache, hence ``use_cache``
-        False."""
-        return self.model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                        use_cache=False, output_hidden_states=output_hidden_states)
+    def decode(self, inputs_embeds: torch.Tensor, ctx: ForwardContext | None = None, steps: Sequence[LayerStep] = (),
+               output_hidden_states: bool = False):
+        """The decoder without its LM head, with ``steps`` installed for this call: ``[B, T, D]`` embeddings →
+        ``BaseModelOutput`` whose ``last_hidden_state`` ``[B, T, D]`` is after the final norm; :meth:`head` turns it
+        into logits. Mask and positions come from ``ctx``. Packed rows (``attention_mask`` None, ``position_ids``
+        restarting per sample) are isolated by transformers only without a cache, hence ``use_cache`` False."""
+        mask, positions = (ctx.attention_mask, ctx.position_ids) if ctx is not None else (None, None)
+        if output_hidden_states and any(isinstance(s, TokenDrop) for s in steps):
+            raise ConfigError("output_hidden_states with token dropping is not supported: the layers after the drop hold "
+                              "fewer positions than the sequence.")
+        with self.stepping(ctx, steps):
+            return self.model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions,
+                                            use_cache=False, output_hidden_states=output_hidden_states)
+
+    def stepping(self, ctx: ForwardContext | None, steps: Sequence[LayerStep]) -> DecodeCall:
+        """A context manager: ``steps`` installed as hooks on this LLM's modules for the block (a forward, or a whole
+        ``generate``), removed when it ends (:class:`~mllm_kit.llm.decoding.DecodeCall`)."""
+        if steps and ctx is None:
+            raise ConfigError("layer steps need the call's ForwardContext (MLLM.embed_inputs builds it).")
+        return DecodeCall(self, ctx, steps)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., D]`` → ``[..., V]``: the LM head, with the final logit soft-capping of models that have one (Gemma-2)."""

@@ -30,14 +30,16 @@ with the LM loss alone); the mean gate per expert is logged as ``llm_lora_moe_lo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from mllm_kit.context import ForwardContext
 from mllm_kit.errors import ConfigError
 from mllm_kit.llm.lora import select_linears
+from mllm_kit.llm.steps import Bind, LayerStep
 from mllm_kit.registry import register_transform
 
 SECOND_POLICIES = ("all", "random", "none")
@@ -59,7 +61,8 @@ def top_k_gate(logits: torch.Tensor, top_k: int, second_policy: str = "all", thr
 
 
 class InstructionGate(nn.Module):
-    """Octavius's instance-level gate, shared by all LoRA-MoE layers; ``set_context`` runs before each LLM pass."""
+    """Octavius's instance-level gate, shared by all LoRA-MoE layers: per call, :meth:`layer_steps` computes each
+    sample's gates from its instruction and binds them to the layers' forwards (:class:`~mllm_kit.llm.steps.Bind`)."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, second_policy: str, second_threshold: float,
                  temperature: float, noise: float) -> None:
@@ -67,31 +70,37 @@ class InstructionGate(nn.Module):
         self.weight = nn.Parameter(torch.randn(hidden_size, num_experts))
         self.top_k, self.second_policy, self.second_threshold = top_k, second_policy, second_threshold
         self.temperature, self.noise = temperature, noise
-        self.gates: torch.Tensor | None = None  # [B, 1, E] (packed rows: [B, T, E]) for the current forward
-        self.aux_losses: dict[str, torch.Tensor] = {}
-        self.metrics: dict[str, torch.Tensor] = {}
+        self.layers: list[nn.Module] = []  # the LoRA-MoE layers it gates (a plain list: not submodules)
 
-    def set_context(self, embeds: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor | None = None) -> None:
-        """``embeds [S, L, D]`` token embeddings, ``mask [S, L]`` the instruction tokens, one row per sample; for packed
-        rows ``segments [B, T]`` names each position's sample, so every sample keeps its own gate."""
-        # Through the module call, keeping what it returns: ZeRO-3 gathers the weight in the forward hooks and hooks the
-        # returned tensor to gather it again in backward.
-        self.gates = self(embeds, mask, segments)
+    def layer_steps(self, ctx: ForwardContext) -> list[LayerStep]:
+        """The call's gates bound to every gated layer; ``ctx.instruction``: each sample's instruction embeddings
+        ``[S, L, D]`` and mask ``[S, L]``; packed rows (``ctx.segments``) give each position its sample's gate."""
+        if ctx.instruction is None:
+            raise ConfigError("the LoRA-MoE instance gate reads each sample's instruction, but the call has none; run the "
+                              "model through MLLM (forward / generate), which embeds it.")
+        # Through the module call: ZeRO-3 gathers the weight in the forward hooks and hooks the returned tensor to
+        # gather it again in backward.
+        per_sample = self(*ctx.instruction)  # [S, E]
+        gates = per_sample.unsqueeze(1) if ctx.segments is None else per_sample[ctx.segments]
+        return [Bind(modules=self.layers, kwargs={"gates": gates}, metrics={"lora_moe_load": per_sample.detach().mean(dim=0)})]
 
-    def forward(self, embeds: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
-        """The gates ``[S, 1, E]`` (packed rows: ``[B, T, E]``); :meth:`set_context` stores them for the LoRA-MoE layers."""
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``embeds [S, L, D]`` token embeddings, ``mask [S, L]`` the instruction tokens, one row per sample → the gates
+        ``[S, E]``."""
         m = mask.to(embeds.dtype).unsqueeze(-1)
         pooled = (embeds * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)  # mean over the instruction tokens
         logits = pooled.float() @ self.weight.float() / self.temperature  # = mean of per-token logits (linear)
         if self.training and self.noise > 0:
             logits = logits + self.noise * torch.randn_like(logits)
-        gates = top_k_gate(logits, self.top_k, self.second_policy, self.second_threshold, self.training)
-        self.metrics = {"lora_moe_load": gates.detach().mean(dim=0)}
-        return gates.unsqueeze(1) if segments is None else gates[segments]
+        return top_k_gate(logits, self.top_k, self.second_policy, self.second_threshold, self.training)
 
 
 class LoRAMoELinear(nn.Module):
-    """``base`` (frozen by the stage, not here) plus E LoRA experts (+ an optional shared one); ``[..., d_in] → [..., d_out]``."""
+    """``base`` (frozen by the stage, not here) plus E LoRA experts (+ an optional shared one); ``[..., d_in] → [..., d_out]``.
+    With the instance gate its forward takes the call's ``gates`` (bound by :meth:`InstructionGate.layer_steps`); with a
+    token router it reports its expert usage through ``report`` (bound by :class:`~mllm_kit.MLLM` for each forward)."""
+
+    reports_aux = True
 
     def __init__(self, base: nn.Linear, num_experts: int, r: int, alpha: float, dropout: float, shared_expert: bool,
                  gate: InstructionGate | None, top_k: int, second_policy: str, second_threshold: float) -> None:
@@ -103,23 +112,19 @@ class LoRAMoELinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(n, r, base.out_features, device=base.weight.device, dtype=base.weight.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # on [E, d_in, r], as Octavius: bound 1/√(d_in·r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.__dict__["gate"] = gate  # shared, owned by the LLM: not a child of every layer
         self.router = None if gate is not None else nn.Linear(base.in_features, num_experts, bias=False,
                                                               device=base.weight.device, dtype=base.weight.dtype)
         self.top_k, self.second_policy, self.second_threshold = top_k, second_policy, second_threshold
-        if self.router is not None:  # each layer reports its own expert usage (the instance gate reports once)
-            self.aux_losses: dict[str, torch.Tensor] = {}
-            self.metrics: dict[str, torch.Tensor] = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.router is not None:  # token-level gate [..., E]
+    def forward(self, x: torch.Tensor, gates: torch.Tensor | None = None, report: Callable | None = None) -> torch.Tensor:
+        """``gates``: ``[B, 1, E]`` (packed rows ``[B, T, E]``) from the instance gate; ignored with a token router."""
+        if self.router is not None:  # token-level gate [..., E]; each layer reports its own expert usage
             gates = top_k_gate(self.router(x), self.top_k, self.second_policy, self.second_threshold, self.training)
-            self.metrics = {"lora_moe_load": gates.detach().reshape(-1, self.num_experts).mean(dim=0)}
-        else:
-            if self.gate.gates is None:
-                raise ConfigError("LoRA-MoE layer ran before its instance gate was set; run the model through MLLM "
-                                  "(forward / generate), which computes the gate from the instruction.")
-            gates = self.gate.gates  # [B, 1, E]
+            if report is not None:
+                report(metrics={"lora_moe_load": gates.detach().reshape(-1, self.num_experts).mean(dim=0)})
+        elif gates is None:
+            raise ConfigError("LoRA-MoE layer ran without its instance gate's gates; run the model through MLLM "
+                              "(forward / generate), which computes them from the instruction for each call.")
         if self.shared_expert:
             gates = torch.cat([gates, gates.new_ones(*gates.shape[:-1], 1)], dim=-1)
         a, b = self.lora_A, self.lora_B
@@ -163,7 +168,9 @@ class AddLoRAMoE:
         for path in targets:
             parent, _, leaf = path.rpartition(".")
             base = model.get_submodule(path)
-            setattr(model.get_submodule(parent), leaf, LoRAMoELinear(
-                base, o["num_experts"], o["r"], o["alpha"], o["dropout"], o["shared_expert"], gate, o["top_k"],
-                o["second_policy"], o["second_threshold"]).train(base.training))
+            layer = LoRAMoELinear(base, o["num_experts"], o["r"], o["alpha"], o["dropout"], o["shared_expert"], gate, o["top_k"],
+                                  o["second_policy"], o["second_threshold"]).train(base.training)
+            setattr(model.get_submodule(parent), leaf, layer)
+            if gate is not None:
+                gate.layers.append(layer)
         model.record_transform({"name": "add_lora_moe", "target_modules": self.target_modules, **o})

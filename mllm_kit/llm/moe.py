@@ -18,16 +18,16 @@ with ``z_loss: true``, ``llm_moe_z`` through the aux-loss channel, and its per-e
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from mllm_kit.errors import ConfigError
-from mllm_kit.registry import register_transform
 from mllm_kit.layers.experts import ExpertMLP, Linear
 from mllm_kit.layers.routing import balance_loss, dispatch, expert_load, route, z_loss
+from mllm_kit.registry import register_transform
 
 
 def _ffn_linears(ffn: nn.Module) -> tuple[list[Linear], Linear | None, nn.Module]:
@@ -49,7 +49,10 @@ def _ffn_linears(ffn: nn.Module) -> tuple[list[Linear], Linear | None, nn.Module
 
 
 class SparseMoE(nn.Module):
-    """Drop-in replacement for a decoder layer's FFN: ``[B, S, D] → [B, S, D]``."""
+    """Drop-in replacement for a decoder layer's FFN: ``[B, S, D] → [B, S, D]``. Its balance (and z-) loss and routing
+    statistics go to ``report``, which :class:`~mllm_kit.MLLM` binds for each forward (summed over layers)."""
+
+    reports_aux = True
 
     def __init__(self, ffn: nn.Module, num_experts: int = 4, top_k: int = 2, capacity_factor: float = 1.5,
                  eval_capacity_factor: float = 2.0, min_capacity: int = 0, noisy_gate: bool = True, z_loss: bool = False,
@@ -64,25 +67,26 @@ class SparseMoE(nn.Module):
         self.experts = ExpertMLP.copies(linears, num_experts, act, up)
         width = linears[-1][0].shape[0]
         self.router = nn.Linear(width, num_experts, bias=False)
-        self.aux_losses: dict[str, torch.Tensor] = {}
-        self.metrics: dict[str, torch.Tensor] = {}
 
     def capacity(self, num_tokens: int) -> int:
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         return max(self.min_capacity, math.ceil(num_tokens / self.num_experts * self.top_k * factor))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, report: Callable | None = None) -> torch.Tensor:
         x = hidden.reshape(-1, hidden.shape[-1])
         # The router runs in fp32, as DeepSpeed's gate does.
         logits = nn.functional.linear(x.float(), self.router.weight.float())
         routing = route(logits, self.top_k, self.capacity(x.shape[0]), noisy=self.noisy_gate and self.training and self.top_k > 1,
                         static=self.static_capacity)
         out = dispatch(x, routing, self.num_experts, self.experts)
+        # Computed whether or not a report is bound: a checkpointed layer recomputed in backward must save the same tensors.
         top1 = routing.experts[:, 0]
-        self.aux_losses = {"llm_moe_balance": balance_loss(routing.probs, top1, self.num_experts)}
+        aux = {"llm_moe_balance": balance_loss(routing.probs, top1, self.num_experts)}
         if self.use_z_loss:
-            self.aux_losses["llm_moe_z"] = z_loss(routing.logits)
-        self.metrics = {"moe_load": expert_load(top1, self.num_experts).detach(), "moe_dropped": (~routing.kept).float().mean().detach()}
+            aux["llm_moe_z"] = z_loss(routing.logits)
+        if report is not None:
+            report(aux, {"moe_load": expert_load(top1, self.num_experts).detach(),
+                         "moe_dropped": (~routing.kept).float().mean().detach()})
         return out.view_as(hidden)
 
 

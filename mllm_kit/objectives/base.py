@@ -23,7 +23,7 @@ from mllm_kit.model import MLLM, MLLMOutput
 
 @dataclass(frozen=True)
 class Pass:
-    """One forward pass: the batch it reads and the connector options set while it runs (e.g. ``{"scale": 16}``)."""
+    """One forward pass: the batch it reads and the connector's per-call options (e.g. ``{"scale": 16}``)."""
 
     batch: Batch
     connector: Mapping[str, Any] = field(default_factory=dict)

@@ -40,8 +40,7 @@ def score(model: MLLM, objective: Objective, batch: Batch, normalizer: float | N
     passes = objective.passes(batch, model)
     results, aux, metrics = [], {}, {}
     for p in passes:
-        with model.connector_options(**p.connector):
-            outputs = model(p.batch)
+        outputs = model(p.batch, connector_options=p.connector)
         teacher_outputs = None
         if teacher is not None:
             with torch.no_grad():

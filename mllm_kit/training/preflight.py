@@ -82,7 +82,7 @@ def check_run(recipe: Recipe, indices: list[int], model: MLLM, teachers: Teacher
                 log.info("stage %s: starts from %s, which this run does not train; it is checked when it starts", stage.name, source)
                 return False
         try:
-            apply_transforms(shadow, stage, quiet=True)
+            apply_transforms(shadow, stage, quiet=True, where=f"stages[{i}]")
         except MllmKitError:
             raise
         except Exception as err:  # a transform that cannot run on meta tensors: the stage checks itself when it starts

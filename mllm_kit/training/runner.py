@@ -125,7 +125,7 @@ def prepare_stage(recipe: Recipe, index: int, run_dir: Path, state: RunState, re
     where = f"stages[{index}]"
     stage_dir = run_dir / stage.name
     model = model if model is not None else stage_model(recipe, index, state)  # seeds the stage's RNG streams
-    apply_transforms(model, stage)
+    apply_transforms(model, stage, where=where)
     counts = apply_trainable(model, stage.trainable, where=f"{where}.trainable", precision=stage.trainer.precision)
     log.info("%s", format_table(counts, f"stage {stage.name!r}: parameters"))
     if stage.trainer.activation_checkpointing:
@@ -235,6 +235,8 @@ def evaluate(model: MLLM, recipe: Recipe, stage: Stage, data_root: Path) -> Eval
     module = MLLMModule(model, stage, OBJECTIVES.build(stage.objective), eval_spec=full, tasks=sorted(set(data.tasks.values())),
                         stop_token_ids=data.eval_prompts.encoder.stop_token_ids())
     trainer = make_trainer(stage, None)
-    metrics = trainer.validate(module, dataloaders=data.val_dataloader(), verbose=False)
+    with torch.random.fork_rng(devices=[]):  # anything random in the forward (a random-drop control) repeats per run
+        torch.manual_seed(stage.trainer.seed)
+        metrics = trainer.validate(module, dataloaders=data.val_dataloader(), verbose=False)
     flat = {k: float(v) for m in metrics for k, v in m.items()}
     return EvalResult.from_metrics(flat)

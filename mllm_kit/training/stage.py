@@ -96,11 +96,15 @@ def _add_template_tokens(model: MLLM, tokens: set[str], stage: str) -> None:
         ensure(missing)
 
 
-def apply_transforms(model: MLLM, stage: Stage, quiet: bool = False) -> None:
+def apply_transforms(model: MLLM, stage: Stage, quiet: bool = False, where: str = "stage") -> None:
+    """The stage's transforms, in order, then its visual-token efficiency method (checked against the result)."""
     for spec in stage.transforms:
         if not quiet:
             log.info("stage %s: transform %s", stage.name, spec)
         TRANSFORMS.build(spec)(model)
+    if stage.efficiency is not None and not quiet:
+        log.info("stage %s: visual-token efficiency %s", stage.name, stage.efficiency)
+    model.set_efficiency(stage.efficiency, f"{where}.efficiency")
 
 
 def world_size(trainer: TrainerSpec) -> int:

@@ -21,7 +21,8 @@ import torch
 from mllm_kit.config.recipe import ModelSpec, Recipe, TeacherSpec
 from mllm_kit.errors import ConfigError
 from mllm_kit.log import get_logger
-from mllm_kit.model import MLLM, MLLM_CONFIG
+from mllm_kit.model import MLLM
+from mllm_kit.saving import MLLM_CONFIG
 from mllm_kit.pretrained import resolve_dtype
 from mllm_kit.training.state import STATE_FILE, RunState
 
